@@ -1,0 +1,353 @@
+"""The Starlette application: routes, lifespan, and the predict hot path.
+
+``app`` is built from ``FASTSERVE_*`` environment variables, so ``granian --interface asgi
+fastserve.app:app`` and ``fastserve serve`` (which exports its flags) serve the same thing
+in every worker process.
+
+The predict endpoint is a raw ASGI callable: it reads the body itself under the size and
+time limits, decodes it once with msgspec, hands it to the model's batcher and sends bytes
+back. Starlette does the routing and the small JSON routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from fastserve import codec
+from fastserve.batcher import Batcher
+from fastserve.codec import PredictionEncoder, WireFormat
+from fastserve.config import Settings, resolve_repository
+from fastserve.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    Draining,
+    FastServeError,
+    MethodNotAllowed,
+    NotReady,
+    TooManyRows,
+    UnknownModel,
+    UnknownRoute,
+    UnknownVersion,
+)
+from fastserve.registry import ModelEntry, Registry
+
+logger = logging.getLogger("fastserve")
+
+# How long shutdown waits for queued requests to be answered before giving up on them.
+_DRAIN_TIMEOUT_S = 10.0
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body arrived; there is nobody to answer."""
+
+
+class Server:
+    """What one worker process serves: the loaded models, their batchers, and readiness."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: dict[str, ModelEntry] = {}
+        self.batchers: dict[tuple[str, str], Batcher] = {}
+        self.encoders: dict[tuple[str, str], PredictionEncoder] = {}
+        self.phase = "loading"  # loading -> ready | failed -> draining
+        self.problem = "models are loading"
+        self._loader: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        # Load in the background so /healthz answers and /readyz says 503 while models load.
+        self._loader = asyncio.get_running_loop().create_task(self._load())
+        try:
+            yield
+        finally:
+            await self._stop()
+
+    async def _load(self) -> None:
+        repo = resolve_repository(self.settings.repository)
+        registry = Registry(repo, self.settings.repository, self.settings.batching, self.settings.limits)
+        try:
+            models = await asyncio.to_thread(registry.load_all)
+        except Exception as exc:
+            self.phase, self.problem = "failed", f"loading the repository failed: {exc}"
+            logger.error("%s", self.problem)
+            return
+        loop = asyncio.get_running_loop()
+        for entry in models.values():
+            for version, loaded in entry.versions.items():
+                predict = loaded.estimator.predict
+                key = (entry.name, version)
+                self.batchers[key] = Batcher(entry.name, version, predict, loaded.n_features, entry.batching, loop)
+                self.encoders[key] = PredictionEncoder(entry.name, version)
+        self.models = models
+        broken = sorted(name for name, entry in models.items() if not entry.servable)
+        if not models:
+            self.phase, self.problem = "failed", "the repository holds no model"
+        elif broken:
+            self.phase, self.problem = "failed", f"no servable stable version for: {', '.join(broken)}"
+        else:
+            self.phase, self.problem = "ready", ""
+        if self.phase == "failed":
+            logger.error("not ready: %s", self.problem)
+
+    async def _stop(self) -> None:
+        self.phase, self.problem = "draining", "the server is shutting down"
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+        await asyncio.gather(*(b.drain_and_stop(_DRAIN_TIMEOUT_S) for b in self.batchers.values()))
+
+    def check_ready(self) -> None:
+        if self.phase == "ready":
+            return
+        raise (Draining if self.phase == "draining" else NotReady)(self.problem)
+
+    def batcher_for(self, model: str, version: str | None) -> tuple[Batcher, ModelEntry]:
+        entry = self.models.get(model)
+        if entry is None:
+            raise UnknownModel(f"no model named {model!r}")
+        if version is None:
+            version = entry.stable
+        batcher = self.batchers.get((model, version)) if version is not None else None
+        if batcher is None:
+            raise UnknownVersion(f"model {model!r} serves no version {version!r}")
+        return batcher, entry
+
+
+_request_ids = itertools.count()
+_ID_PREFIX = os.urandom(4).hex()
+_MAX_REQUEST_ID = 128
+
+
+class PredictEndpoint:
+    """``POST /predict/{model}`` and ``/predict/{model}/versions/{version}``, as raw ASGI."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._bodies = _BodyDeadlines()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content_type = accept = request_id = None
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+            elif name == b"accept":
+                accept = value
+            elif name == b"x-request-id" and 0 < len(value) <= _MAX_REQUEST_ID and value.isascii():
+                request_id = value
+        if request_id is None:
+            request_id = b"%s-%x" % (_ID_PREFIX.encode(), next(_request_ids))
+
+        out_format = WireFormat.JSON
+        params = scope["path_params"]
+        try:
+            in_format = codec.request_format(content_type)
+            out_format = codec.response_format(accept, in_format)
+            server = self.server
+            server.check_ready()
+            batcher, entry = server.batcher_for(params["model"], params.get("version"))
+            limits = entry.limits
+            body = await self._bodies.read(
+                receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
+            )
+            request = codec.decode(body, in_format)
+            n_rows = request.n_rows
+            if n_rows > limits.max_rows_per_request or n_rows > batcher.queue.max_queue_depth:
+                limit = min(limits.max_rows_per_request, batcher.queue.max_queue_depth)
+                raise TooManyRows(f"{n_rows} rows in one request; the limit is {limit}")
+            predictions = await batcher.admit(request)
+            payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
+        except FastServeError as error:
+            await _send_error(send, error, out_format, request_id)
+            return
+        except _ClientGone:
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", out_format.value.encode()),
+                    (b"x-model-version", batcher.version.encode()),
+                    (b"x-request-id", request_id),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+class _BodyDeadlines:
+    """Cancels body reads that run past their deadline: one sweep timer per process.
+
+    A timer per request would cost more than the rest of the read; most bodies arrive
+    with the headers, so a read only registers its task and the sweep, which runs while
+    any read is pending, finds the slow ones.
+    """
+
+    def __init__(self, sweep_s: float = 0.05) -> None:
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._timed_out: set[asyncio.Task[Any]] = set()
+        self._sweep_s = sweep_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def read(self, receive: Receive, content_length: int, max_bytes: int, timeout_ms: float) -> bytes:
+        """The whole body, refused with 413 as soon as it is known to pass ``max_bytes``."""
+        if content_length > max_bytes:
+            raise BodyTooLarge(f"body of {content_length} bytes; the limit is {max_bytes}")
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = time.monotonic() + timeout_ms / 1000
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
+        try:
+            return await _receive_body(receive, max_bytes)
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+            self._timed_out.discard(task)
+            task.uncancel()
+            raise BodyTimeout(f"the body did not arrive within {timeout_ms:g} ms") from None
+        finally:
+            del self._deadlines[task]
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for task, deadline in self._deadlines.items():
+            if deadline <= now and task not in self._timed_out:
+                self._timed_out.add(task)
+                task.cancel()
+        self._timer = None
+        if self._deadlines:
+            self._timer = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
+
+
+async def _receive_body(receive: Receive, max_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLarge(f"body passed {max_bytes} bytes")
+        if not message.get("more_body", False):
+            # The common case, the whole body in one message, is returned without a copy.
+            return b"".join((*chunks, chunk)) if chunks else chunk
+        chunks.append(chunk)
+
+
+async def _send_error(send: Send, error: FastServeError, fmt: WireFormat, request_id: bytes) -> None:
+    headers = [
+        (b"content-type", fmt.value.encode()),
+        (b"x-request-id", request_id),
+        *((name.encode(), value.encode()) for name, value in error.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
+
+
+def _error_response(error: FastServeError) -> Response:
+    return Response(
+        codec.error_body(error),
+        status_code=error.status,
+        headers=error.headers,
+        media_type=WireFormat.JSON.value,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The fastserve ASGI application; settings default to the ``FASTSERVE_*`` environment."""
+    server = Server(settings or Settings.from_env())
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(_request: Request) -> Response:
+        try:
+            server.check_ready()
+        except FastServeError as error:
+            return _error_response(error)
+        return JSONResponse({"status": "ready"})
+
+    async def status(_request: Request) -> Response:
+        return JSONResponse(_status(server))
+
+    async def on_http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return _error_response(MethodNotAllowed("method not allowed on this route"))
+        return _error_response(UnknownRoute("no such route"))
+
+    async def on_fastserve_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FastServeError)
+        return _error_response(exc)
+
+    async def on_unexpected(_request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error", exc_info=exc)
+        return _error_response(FastServeError("internal error"))
+
+    predict = PredictEndpoint(server)
+    app = Starlette(
+        routes=[
+            Route("/predict/{model}", predict, methods=["POST"]),
+            Route("/predict/{model}/versions/{version}", predict, methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/status", status),
+        ],
+        exception_handlers={
+            HTTPException: on_http_error,
+            FastServeError: on_fastserve_error,
+            Exception: on_unexpected,
+        },
+        lifespan=server.lifespan,
+    )
+    app.state.server = server
+    return app
+
+
+def _status(server: Server) -> dict[str, Any]:
+    models = {}
+    for name, entry in server.models.items():
+        versions: dict[str, Any] = {}
+        for version, loaded in entry.versions.items():
+            batcher = server.batchers[name, version]
+            stats = batcher.stats
+            versions[version] = {
+                "state": "serving",
+                "n_features": loaded.n_features,
+                "artifact": loaded.artifact,
+                "queue_depth_rows": batcher.queue.queued_rows,
+                "batches": stats.batches,
+                "requests": stats.requests,
+                "mean_batch_rows": round(stats.mean_batch_rows, 3),
+                "shed": stats.shed,
+                "expired": stats.expired,
+                "errors": stats.errors,
+            }
+        for version, reason in entry.failed.items():
+            versions[version] = {"state": "failed", "reason": reason}
+        models[name] = {"aliases": {"stable": entry.stable}, "versions": versions}
+    return {"phase": server.phase, "problem": server.problem or None, "pid": os.getpid(), "models": models}
+
+
+app = create_app()
+
+__all__ = ["Server", "app", "create_app"]

@@ -1,0 +1,244 @@
+"""One batcher per loaded (model, version): admit -> drain -> predict -> resolve.
+
+Everything but ``predict`` runs on the event loop, driven by callbacks rather than a task:
+a commit wakes the batcher, the batcher drains the ring queue into one batch and hands it
+to its own predict thread, and the thread hands the whole batch back with one
+``call_soon_threadsafe``. At most one batch per version is in predict at a time, so the
+rows of the next batch pile up in the queue while the model works: under load, batches
+fill by themselves and no time is spent waiting for them.
+
+A batch goes to predict as soon as it is full; a smaller one waits at most
+``batch_window_ms`` from the moment the model is free for more requests to join it. At low
+load that is the latency a lone request pays for batching; under load the batch fills
+before the window ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Any
+
+import numpy as np
+
+from fastserve.codec import PredictRequest
+from fastserve.config import BatchSettings
+from fastserve.errors import BadFeatures, ModelError, QueueFull, QueueTimeout
+from fastserve.queue import FULL, Batch, RingQueue
+
+logger = logging.getLogger("fastserve.batcher")
+
+Predict = Callable[[np.ndarray[Any, Any]], Any]
+
+# Smoothing of the measured drain rate used for Retry-After: about the last ten batches.
+_RATE_SMOOTHING = 0.1
+
+
+@dataclass
+class BatchStats:
+    """Running totals for /status; updated once per batch on the event loop."""
+
+    batches: int = 0
+    rows: int = 0
+    requests: int = 0
+    expired: int = 0
+    shed: int = 0
+    errors: int = 0
+    predict_seconds: float = 0.0
+
+    @property
+    def mean_batch_rows(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
+
+
+class Batcher:
+    """Admission and batched predict for one (model, version) on one event loop."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        predict: Predict,
+        n_features: int,
+        settings: BatchSettings,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.settings = settings
+        self.queue = RingQueue(
+            n_features,
+            max_batch_rows=settings.max_batch_rows,
+            max_queue_depth=settings.max_queue_depth,
+            timeout_ns=max(1, int(settings.queue_timeout_ms * 1e6)),
+        )
+        self.stats = BatchStats()
+        self._predict = predict
+        self._loop = loop
+        self._max_batch_rows = settings.max_batch_rows
+        self._window_s = settings.batch_window_ms / 1000
+        self._busy = False  # a batch is in predict
+        self._timer: asyncio.TimerHandle | None = None
+        self._rows_per_s = 0.0
+        self._idle: asyncio.Future[None] | None = None
+        self._jobs: SimpleQueue[Batch | None] = SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._predict_loop, name=f"predict-{model}-{version}", daemon=True
+        )
+        self._thread.start()
+
+    # -- admission (event loop, per request) ------------------------------------------------
+
+    def admit(self, request: PredictRequest) -> asyncio.Future[list[Any]]:
+        """Queue a decoded request; its future resolves to its predictions.
+
+        Raises ``QueueFull`` when admission is refused and ``BadFeatures`` when its rows are
+        wrong; a refused or bad request never reaches a batch.
+        """
+        queue = self.queue
+        n_rows = request.n_rows
+        slot = queue.reserve(n_rows)
+        if slot == FULL:
+            self.stats.shed += 1
+            raise QueueFull(
+                f"{self.model} {self.version}: queue is full ({queue.queued_rows} rows waiting)",
+                retry_after_s=self.retry_after_s(),
+            )
+        try:
+            if request.features is not None:
+                queue.write_one(slot, request.features)
+            elif isinstance(request.instances, bytes):
+                assert request.shape is not None
+                if request.shape[1] != queue.n_features:
+                    raise ValueError(f"shape has {request.shape[1]} features, expected {queue.n_features}")
+                queue.write_bytes(slot, request.instances)
+            else:
+                queue.write(slot, request.instances)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as exc:
+            queue.abort(slot)
+            raise BadFeatures(str(exc)) from None
+        future: asyncio.Future[list[Any]] = self._loop.create_future()
+        queue.commit(slot, future, time.monotonic_ns())
+        if not self._busy:
+            self._schedule()
+        return future
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until the rows queued now are likely through predict."""
+        if self._rows_per_s <= 0:
+            return 1
+        return max(1, math.ceil(self.queue.queued_rows / self._rows_per_s))
+
+    # -- scheduling (event loop) -----------------------------------------------------------
+
+    def _schedule(self) -> None:
+        # Called with no batch in predict: go now if a batch is full, else give the batch
+        # one window to fill. The window starts when the model becomes free, not when the
+        # oldest request arrived: requests that queued during a predict were mostly still
+        # in the server's sockets then, and a full batch costs the model no more than a
+        # small one.
+        queued = self.queue.queued_rows
+        if queued >= self._max_batch_rows or (queued and self._window_s == 0):
+            self._dispatch()
+        elif queued and self._timer is None:
+            self._timer = self._loop.call_later(self._window_s, self._on_window_end)
+
+    def _on_window_end(self) -> None:
+        self._timer = None
+        if not self._busy:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queue = self.queue
+        while True:
+            batch = queue.drain(time.monotonic_ns())
+            if batch is None:
+                self._notify_idle()
+                return
+            if batch.expired:
+                self._expire(batch.expired)
+            if batch.n_rows:
+                self._busy = True
+                self._jobs.put(batch)
+                return
+            queue.release(batch)
+
+    def _expire(self, waiters: list[Any]) -> None:
+        self.stats.expired += len(waiters)
+        timeout_ms = self.settings.queue_timeout_ms
+        for future in waiters:
+            if not future.done():
+                future.set_exception(QueueTimeout(f"waited in the queue past {timeout_ms:g} ms"))
+
+    # -- predict (worker thread) -----------------------------------------------------------
+
+    def _predict_loop(self) -> None:
+        while True:
+            batch = self._jobs.get()
+            if batch is None:
+                return
+            started = time.perf_counter()
+            try:
+                outcome: list[Any] | BaseException = np.asarray(self._predict(batch.rows)).tolist()
+            except Exception as exc:  # the model's failure is the batch's answer, not the server's
+                logger.exception("predict failed for %s %s", self.model, self.version)
+                outcome = exc
+            elapsed = time.perf_counter() - started
+            try:
+                self._loop.call_soon_threadsafe(self._finish, batch, outcome, elapsed)
+            except RuntimeError:  # loop closed during shutdown: nobody is waiting any more
+                return
+
+    # -- resolution (event loop, once per batch) -------------------------------------------
+
+    def _finish(self, batch: Batch, outcome: list[Any] | BaseException, elapsed: float) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.rows += batch.n_rows
+        stats.requests += len(batch.waiters)
+        stats.predict_seconds += elapsed
+        if isinstance(outcome, BaseException):
+            stats.errors += len(batch.waiters)
+            for future in batch.waiters:
+                if not future.done():
+                    future.set_exception(ModelError(f"{self.model} {self.version} failed to predict"))
+        else:
+            if elapsed > 0:
+                rate = batch.n_rows / elapsed
+                self._rows_per_s += _RATE_SMOOTHING * (rate - self._rows_per_s) if self._rows_per_s else rate
+            offset = 0
+            for future, size in zip(batch.waiters, batch.sizes, strict=True):
+                if not future.done():
+                    future.set_result(outcome[offset : offset + size])
+                offset += size
+        self.queue.release(batch)
+        self._busy = False
+        self._schedule()
+        if not self.queue.queued_rows and not self._busy:
+            self._notify_idle()
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def _notify_idle(self) -> None:
+        if self._idle is not None and not self._idle.done() and not self._busy:
+            self._idle.set_result(None)
+
+    async def drain_and_stop(self, timeout_s: float) -> None:
+        """Let queued and running batches finish (bounded), then stop the predict thread."""
+        if self._busy or self.queue.queued_rows:
+            self._idle = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._idle, timeout_s)
+            except TimeoutError:
+                logger.warning("%s %s: stopped with requests still queued", self.model, self.version)
+        self._jobs.put(None)
+        self._thread.join(timeout=timeout_s)

@@ -1,0 +1,97 @@
+"""Every error a client can see: one base class, each subclass with its status and stable code.
+
+The message is for people and may change; the code is the contract. Messages never carry
+paths, tracebacks or anything else from the server's inside.
+"""
+
+from __future__ import annotations
+
+
+class FastServeError(Exception):
+    """Base of every error fastserve answers with; ``status`` and ``code`` are fixed per subclass."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class MalformedBody(FastServeError):
+    status, code = 400, "malformed_body"
+
+
+class Unauthorized(FastServeError):
+    status, code = 401, "unauthorized"
+
+
+class DeployDisabled(FastServeError):
+    status, code = 403, "deploy_disabled"
+
+
+class UnknownModel(FastServeError):
+    status, code = 404, "unknown_model"
+
+
+class UnknownVersion(FastServeError):
+    status, code = 404, "unknown_version"
+
+
+class UnknownRoute(FastServeError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(FastServeError):
+    status, code = 405, "method_not_allowed"
+
+
+class BodyTimeout(FastServeError):
+    status, code = 408, "body_timeout"
+
+
+class BodyTooLarge(FastServeError):
+    status, code = 413, "body_too_large"
+
+
+class TooManyRows(FastServeError):
+    status, code = 413, "too_many_rows"
+
+
+class UnsupportedMediaType(FastServeError):
+    status, code = 415, "unsupported_media_type"
+
+
+class BadFeatures(FastServeError):
+    status, code = 422, "bad_features"
+
+
+class QueueFull(FastServeError):
+    status, code = 429, "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+
+class ModelError(FastServeError):
+    """The model raised during predict: every request of that batch gets this, the server goes on."""
+
+    status, code = 500, "model_error"
+
+
+class NotReady(FastServeError):
+    status, code = 503, "not_ready"
+
+
+class Draining(FastServeError):
+    status, code = 503, "draining"
+
+
+class QueueTimeout(FastServeError):
+    status, code = 504, "queue_timeout"
+
+
+class ConfigError(Exception):
+    """A setting is wrong; raised at start-up with the offending setting named."""

@@ -1,0 +1,174 @@
+"""The model repository on disk: discovery, safe loading, validation and warm-up.
+
+Layout: ``<root>/<model>/<version>/model.skops`` (or ``model.joblib`` in a trusted
+repository), plus an optional ``<root>/<model>/model.toml``. Only real files under the
+root's real path are opened, so a symlink cannot lead a load outside it. A version that
+fails to load, lacks ``n_features_in_``, or fails its warm-up predict is recorded with the
+reason and never served.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastserve.config import BatchSettings, LimitSettings, RepositorySettings, override
+from fastserve.errors import ConfigError
+
+logger = logging.getLogger("fastserve.registry")
+
+# skops refuses any type outside its defaults and this list: the tree structures of
+# scikit-learn's own ensembles, which its defaults leave out only because they are
+# compiled types. Anything else must be named in the server's configuration.
+TRUSTED_TYPES = (
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class LoadedVersion:
+    """A version that loaded, validated and warmed up: safe to serve."""
+
+    version: str
+    estimator: Any
+    n_features: int
+    artifact: str  # file name within the version directory, for /status
+
+
+@dataclass
+class ModelEntry:
+    """One model directory: its servable versions, failures, and its settings."""
+
+    name: str
+    stable: str | None
+    batching: BatchSettings
+    limits: LimitSettings
+    versions: dict[str, LoadedVersion] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # version -> reason
+
+    @property
+    def servable(self) -> bool:
+        return self.stable is not None and self.stable in self.versions
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """Natural order: v2 < v10."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version))
+
+
+class Registry:
+    """Loads every model in the repository; read-only once loaded."""
+
+    def __init__(
+        self,
+        root: Path,
+        repo_settings: RepositorySettings,
+        batching: BatchSettings,
+        limits: LimitSettings,
+    ) -> None:
+        self.root = root.resolve()
+        self.settings = repo_settings
+        self.batching = batching
+        self.limits = limits
+        self.models: dict[str, ModelEntry] = {}
+        self.trusted_types = TRUSTED_TYPES + tuple(repo_settings.trusted_types)
+
+    def load_all(self) -> dict[str, ModelEntry]:
+        """Discover, load and warm every version; blocking, meant for a worker thread."""
+        if not self.root.is_dir():
+            raise ConfigError(f"FASTSERVE_REPOSITORY: {self.root.name!r} is not a directory")
+        models = {}
+        for model_dir in sorted(self.root.iterdir()):
+            if model_dir.is_dir() and _NAME.match(model_dir.name):
+                models[model_dir.name] = self._load_model(model_dir)
+        self.models = models
+        return models
+
+    def _load_model(self, model_dir: Path) -> ModelEntry:
+        config = _read_model_toml(model_dir)
+        where = f"{model_dir.name}/model.toml"
+        entry = ModelEntry(
+            name=model_dir.name,
+            stable=config.get("stable"),
+            batching=override(self.batching, config.get("batching", {}), where),
+            limits=override(self.limits, config.get("limits", {}), where),
+        )
+        version_dirs = [d for d in model_dir.iterdir() if d.is_dir() and _NAME.match(d.name)]
+        for version_dir in sorted(version_dirs, key=lambda d: version_key(d.name)):
+            try:
+                entry.versions[version_dir.name] = self._load_version(version_dir)
+            except Exception as exc:  # any failure makes the version unservable, not the server
+                reason = self._describe(exc)
+                entry.failed[version_dir.name] = reason
+                logger.error("%s %s not served: %s", model_dir.name, version_dir.name, reason)
+        if entry.stable is None and entry.versions:
+            entry.stable = max(entry.versions, key=version_key)
+        return entry
+
+    def _load_version(self, version_dir: Path) -> LoadedVersion:
+        artifact = self._artifact(version_dir)
+        if artifact.suffix == ".skops":
+            import skops.io as sio
+
+            estimator = sio.load(artifact, trusted=list(self.trusted_types))
+        else:
+            import joblib
+
+            estimator = joblib.load(artifact)
+        n_features = getattr(estimator, "n_features_in_", None)
+        if not isinstance(n_features, int | np.integer) or n_features < 1:
+            raise ValueError("the estimator has no n_features_in_; fit it before saving")
+        if not callable(getattr(estimator, "predict", None)):
+            raise ValueError("the estimator has no predict method")
+        _warm_up(estimator, int(n_features))
+        return LoadedVersion(version_dir.name, estimator, int(n_features), artifact.name)
+
+    def _describe(self, exc: BaseException) -> str:
+        # Reasons go to /status: the exception's type and message, never a traceback or a path.
+        return f"{type(exc).__name__}: {exc}".replace(str(self.root), "<repository>")
+
+    def _artifact(self, version_dir: Path) -> Path:
+        candidates = [version_dir / "model.skops"]
+        if self.settings.trusted_repository:
+            candidates.append(version_dir / "model.joblib")
+        for path in candidates:
+            if path.exists() or path.is_symlink():
+                real = path.resolve()
+                if not real.is_relative_to(self.root) or not real.is_file():
+                    raise PermissionError(f"{path.name} resolves outside the repository")
+                return real
+        if (version_dir / "model.joblib").exists():
+            raise PermissionError(
+                "model.joblib is only loaded from a trusted repository (FASTSERVE_TRUSTED_REPOSITORY=1)"
+            )
+        raise FileNotFoundError("no model.skops in the version directory")
+
+
+def _read_model_toml(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "model.toml"
+    if not path.is_file():
+        return {}
+    try:
+        config = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{model_dir.name}/model.toml: {exc}") from None
+    unknown = set(config) - {"stable", "batching", "limits"}
+    if unknown:
+        raise ConfigError(f"{model_dir.name}/model.toml: unknown keys {sorted(unknown)}")
+    return config
+
+
+def _warm_up(estimator: Any, n_features: int) -> None:
+    """One predict on zeros: a model that cannot predict is found now, not on a user's request."""
+    result = np.asarray(estimator.predict(np.zeros((1, n_features))))
+    if result.shape[:1] != (1,):
+        raise ValueError(f"warm-up predict returned shape {result.shape} for one row")

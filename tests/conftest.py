@@ -1,0 +1,129 @@
+"""Shared fixtures: the demo repository, and real Granian servers on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import joblib
+import pytest
+
+from fastserve.demo import write_demo_repository
+
+TESTS = Path(__file__).parent
+READY_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_repository(tmp_path_factory.mktemp("repo"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_joblib_model(repo: Path, model: str, version: str, estimator: object, toml: str = "") -> Path:
+    """A trusted-repository model (joblib), for the fake estimators of ``fake_models``."""
+    target = repo / model / version / "model.joblib"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(estimator, target)
+    if toml:
+        (repo / model / "model.toml").write_text(toml)
+    return target
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def server_env(**settings: object) -> dict[str, str]:
+    # Settings come only from the test; which queue runs is the suite's choice.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTSERVE_") or k == "FASTSERVE_NO_EXTENSIONS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    for name, value in settings.items():
+        env[f"FASTSERVE_{name.upper()}"] = str(value)
+    return env
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], env: dict[str, str], port: int, tmp_path: Path, wait_ready: bool = True
+) -> Iterator[RunningServer]:
+    """Start a server process in its own session; always stop it (and its workers) by pid."""
+    log = tmp_path / f"server-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        if wait_ready:
+            wait_until_ready(server)
+        yield server
+    finally:
+        stop(process)
+
+
+def wait_until_ready(server: RunningServer, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(server.url + "/readyz", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"server not ready in {timeout_s} s:\n{server.output()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+    # Granian's workers share the session: make sure none outlives the test.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def serve_command(repo: Path, port: int, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "fastserve.cli", "serve", "--repository", str(repo), "--port", str(port), *flags]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[object]:
+    """``serve(repo, *flags, **settings)`` starts ``fastserve serve`` and returns a RunningServer."""
+    with contextlib.ExitStack() as stack:
+
+        def start(repo: Path, *flags: str, wait_ready: bool = True, **settings: object) -> RunningServer:
+            port = free_port()
+            return stack.enter_context(
+                running(serve_command(repo, port, *flags), server_env(**settings), port, tmp_path, wait_ready)
+            )
+
+        yield start

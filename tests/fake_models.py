@@ -1,0 +1,39 @@
+"""Estimators with controlled behaviour, for the servers the end-to-end tests start.
+
+They are saved with joblib into a trusted repository, so the server process imports this
+module by name (the tests put this folder on its PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+
+class SleepyModel:
+    """Predicts the row's first feature (as an int) after sleeping per call: a slow model."""
+
+    def __init__(self, n_features: int, delay_s: float, warmup_delay_s: float = 0.0) -> None:
+        self.n_features_in_ = n_features
+        self.delay_s = delay_s
+        self.warmup_delay_s = warmup_delay_s
+        self.calls = 0
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        self.calls += 1
+        time.sleep(self.warmup_delay_s if self.calls == 1 else self.delay_s)
+        return rows[:, 0].astype(np.int64)
+
+
+class FailOnNegative:
+    """Echoes the first feature, and fails the whole call when any row's first feature is < 0."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features_in_ = n_features
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if (rows[:, 0] < 0).any():
+            raise RuntimeError("negative input: the model cannot predict this batch")
+        return rows[:, 0].astype(np.int64)
