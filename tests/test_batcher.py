@@ -1,0 +1,220 @@
+"""The batcher on a real event loop and predict thread, with models that record their calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fastserve.batcher import Batcher
+from fastserve.codec import PredictRequest
+from fastserve.config import BatchSettings
+from fastserve.errors import BadFeatures, ModelError, QueueFull, QueueTimeout
+
+
+class RecordingModel:
+    """Predicts the first feature; records batch sizes; can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_when_first_feature = -1.0
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        self.gate.wait(timeout=10)
+        self.batch_sizes.append(len(rows))
+        if (rows[:, 0] == self.fail_when_first_feature).any():
+            raise RuntimeError("boom")
+        return rows[:, 0].copy()
+
+
+def run(scenario: Callable[[asyncio.AbstractEventLoop], Coroutine[Any, Any, None]]) -> None:
+    async def main() -> None:
+        await scenario(asyncio.get_running_loop())
+
+    asyncio.run(main())
+
+
+def make(loop: asyncio.AbstractEventLoop, model: RecordingModel, **settings: Any) -> Batcher:
+    return Batcher("m", "v1", model.predict, 2, BatchSettings(**settings), loop)
+
+
+def row(value: float) -> PredictRequest:
+    return PredictRequest(features=[value, 0.0])
+
+
+def test_batches_fill_greedily_up_to_max_batch_rows() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=8, batch_window_ms=50)
+        futures = [batcher.admit(row(i)) for i in range(20)]
+        results = await asyncio.gather(*futures)
+        assert results == [[float(i)] for i in range(20)]
+        assert model.batch_sizes == [8, 8, 4]
+        assert batcher.stats.batches == 3 and batcher.stats.mean_batch_rows == 20 / 3
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_multi_row_requests_get_their_own_slice_back() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=64, batch_window_ms=5)
+        first = batcher.admit(PredictRequest(instances=[[1, 0], [2, 0], [3, 0]]))
+        second = batcher.admit(row(4))
+        third = batcher.admit(PredictRequest(instances=np.array([[5, 0], [6, 0]], "<f8").tobytes(), shape=(2, 2)))
+        assert await asyncio.gather(first, second, third) == [[1, 2, 3], [4], [5, 6]]
+        assert model.batch_sizes == [6]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_a_small_batch_waits_one_window_then_goes() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=8, batch_window_ms=40)
+        started = time.monotonic()
+        assert await batcher.admit(row(1)) == [1.0]
+        waited = time.monotonic() - started
+        assert 0.035 <= waited < 1.0
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_no_window_means_no_wait() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=8, batch_window_ms=0)
+        started = time.monotonic()
+        assert await batcher.admit(row(1)) == [1.0]
+        assert time.monotonic() - started < 0.03
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_one_thread_hop_per_batch() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=10, batch_window_ms=50)
+        hops = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal hops
+            hops += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        await asyncio.gather(*(batcher.admit(row(i)) for i in range(30)))
+        assert model.batch_sizes == [10, 10, 10]
+        assert hops == 3
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_a_model_error_fails_its_batch_only() -> None:
+    model = RecordingModel()
+    model.fail_when_first_feature = 3
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=4, batch_window_ms=50)
+        doomed = [batcher.admit(row(i)) for i in range(4)]  # holds the 3: the whole batch fails
+        fine = [batcher.admit(row(i)) for i in range(10, 14)]
+        outcomes = await asyncio.gather(*doomed, *fine, return_exceptions=True)
+        assert all(isinstance(o, ModelError) for o in outcomes[:4])
+        assert "boom" not in str(outcomes[0])
+        assert outcomes[4:] == [[10.0], [11.0], [12.0], [13.0]]
+        assert batcher.stats.errors == 4
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_admission_is_refused_past_the_queue_depth() -> None:
+    model = RecordingModel()
+    model.gate.clear()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=2, max_queue_depth=4, batch_window_ms=0)
+        in_predict = batcher.admit(row(0))  # no window: straight to the (held) model
+        await asyncio.sleep(0.05)
+        queued = [batcher.admit(row(i)) for i in range(1, 5)]  # depth counts these, not row 0
+        with pytest.raises(QueueFull, match="queue is full") as refused:
+            batcher.admit(row(9))
+        assert refused.value.status == 429 and refused.value.headers["retry-after"] == "1"
+        assert batcher.stats.shed == 1
+        model.gate.set()
+        assert await asyncio.gather(in_predict, *queued) == [[float(i)] for i in range(5)]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_requests_past_the_queue_deadline_expire_before_predict() -> None:
+    model = RecordingModel()
+    model.gate.clear()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=1, batch_window_ms=0, queue_timeout_ms=20)
+        first = batcher.admit(row(0))
+        late = [batcher.admit(row(i)) for i in range(1, 4)]
+        await asyncio.sleep(0.06)
+        model.gate.set()
+        outcomes = await asyncio.gather(first, *late, return_exceptions=True)
+        assert outcomes[0] == [0.0]
+        assert all(isinstance(o, QueueTimeout) for o in outcomes[1:])
+        assert model.batch_sizes == [1]  # the expired rows never reached the model
+        assert batcher.stats.expired == 3 and batcher.queue.queued_rows == 0
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_bad_rows_are_refused_and_leave_no_trace() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=8, batch_window_ms=10)
+        good = batcher.admit(row(1))
+        with pytest.raises(BadFeatures, match="row 0 has 3 features, expected 2"):
+            batcher.admit(PredictRequest(features=[1.0, 2.0, 3.0]))
+        with pytest.raises(BadFeatures, match="NaN or infinity"):
+            batcher.admit(PredictRequest(instances=[[1.0, 2.0], [float("inf"), 0.0]]))
+        with pytest.raises(BadFeatures, match="shape has 3 features, expected 2"):
+            batcher.admit(PredictRequest(instances=bytes(24), shape=(1, 3)))
+        assert batcher.queue.queued_rows == 1
+        assert await good == [1.0]
+        assert model.batch_sizes == [1]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_stopping_answers_what_is_queued_first() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=4, batch_window_ms=100)
+        futures = [batcher.admit(row(i)) for i in range(6)]
+        await batcher.drain_and_stop(5)
+        assert [f.result() for f in futures] == [[float(i)] for i in range(6)]
+        assert not batcher._thread.is_alive()
+
+    run(scenario)
