@@ -60,7 +60,11 @@ class RunningServer:
 
 def server_env(**settings: object) -> dict[str, str]:
     # Settings come only from the test; which queue runs is the suite's choice.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTSERVE_") or k == "FASTSERVE_NO_EXTENSIONS"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FASTSERVE_") or k == "FASTSERVE_NO_EXTENSIONS"
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     for name, value in settings.items():
         env[f"FASTSERVE_{name.upper()}"] = str(value)
@@ -74,7 +78,9 @@ def running(
     """Start a server process in its own session; always stop it (and its workers) by pid."""
     log = tmp_path / f"server-{port}.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log)
     try:
         if wait_ready:
@@ -112,7 +118,17 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def serve_command(repo: Path, port: int, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "fastserve.cli", "serve", "--repository", str(repo), "--port", str(port), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "fastserve.cli",
+        "serve",
+        "--repository",
+        str(repo),
+        "--port",
+        str(port),
+        *flags,
+    ]
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ import msgspec
 import numpy as np
 import pytest
 import skops.io as sio
-from conftest import RunningServer, write_joblib_model
-from fake_models import FailOnNegative, SleepyModel
-from http_load import post_many
 from sklearn.datasets import load_digits
 
+from conftest import RunningServer, write_joblib_model
+from fake_models import FailOnNegative, SleepyModel
 from fastserve.registry import TRUSTED_TYPES
+from http_load import post_many
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,9 @@ async def _post_all(
         return await asyncio.gather(*(one(body) for body in bodies))
 
 
-def post_all(url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str] = JSON) -> list[httpx.Response]:
+def post_all(
+    url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str] = JSON
+) -> list[httpx.Response]:
     return asyncio.run(_post_all(url, bodies, concurrency, headers))
 
 
@@ -117,7 +119,11 @@ def test_msgpack_forms_and_content_negotiation(serve: Any, demo_repo: Path, digi
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/msgpack"
     assert response.headers["x-model-version"] == "v2"
-    assert msgspec.msgpack.decode(response.content) == {"model": "digits", "version": "v2", "predictions": expected}
+    assert msgspec.msgpack.decode(response.content) == {
+        "model": "digits",
+        "version": "v2",
+        "predictions": expected,
+    }
 
     listed = msgspec.msgpack.encode({"instances": rows.tolist()})
     response = httpx.post(url, content=listed, headers={**MSGPACK, "accept": "application/json"})
@@ -125,13 +131,17 @@ def test_msgpack_forms_and_content_negotiation(serve: Any, demo_repo: Path, digi
     assert response.json()["predictions"] == expected
 
     response = httpx.post(
-        url, content=msgspec.json.encode({"features": rows[0].tolist()}), headers={**JSON, "accept": "application/msgpack"}
+        url,
+        content=msgspec.json.encode({"features": rows[0].tolist()}),
+        headers={**JSON, "accept": "application/msgpack"},
     )
     assert msgspec.msgpack.decode(response.content)["predictions"] == expected[:1]
 
     response = httpx.post(url, json={"features": rows[0].tolist()}, headers={"x-request-id": "trace-42"})
     assert response.headers["x-request-id"] == "trace-42"
-    generated = {httpx.post(url, json={"features": rows[0].tolist()}).headers["x-request-id"] for _ in range(3)}
+    generated = {
+        httpx.post(url, json={"features": rows[0].tolist()}).headers["x-request-id"] for _ in range(3)
+    }
     assert len(generated) == 3
 
 
@@ -149,7 +159,12 @@ def test_bad_input_is_refused_while_good_requests_succeed(serve: Any, demo_repo:
         (msgspec.json.encode({"features": row[:10]}), JSON, 422, "bad_features"),
         (msgspec.json.encode({"instances": [row, row[:-1]]}), JSON, 422, "bad_features"),
         (msgspec.msgpack.encode({"features": [float("nan"), *row[1:]]}), MSGPACK, 422, "bad_features"),
-        (msgspec.msgpack.encode({"instances": [row, [float("inf"), *row[1:]]]}), MSGPACK, 422, "bad_features"),
+        (
+            msgspec.msgpack.encode({"instances": [row, [float("inf"), *row[1:]]]}),
+            MSGPACK,
+            422,
+            "bad_features",
+        ),
         (b'{"features": [1e999]}', JSON, 422, "bad_features"),
         (msgspec.json.encode({"instances": [row] * 101}), JSON, 413, "too_many_rows"),
         (b"[" + b"1," * 40_000 + b"1]", JSON, 413, "body_too_large"),
@@ -164,7 +179,9 @@ def test_bad_input_is_refused_while_good_requests_succeed(serve: Any, demo_repo:
         async with httpx.AsyncClient(timeout=30) as client:
             refused = [await client.post(url, content=body, headers=headers) for body, headers, *_ in bad]
             refused.append(await client.post(server.url + "/predict/nope", json={"features": row}))
-            refused.append(await client.post(server.url + "/predict/digits/versions/v9", json={"features": row}))
+            refused.append(
+                await client.post(server.url + "/predict/digits/versions/v9", json={"features": row})
+            )
         return await good, refused
 
     good, refused = asyncio.run(scenario())
@@ -210,7 +227,9 @@ def test_body_limits_are_enforced_while_streaming(serve: Any, demo_repo: Path) -
 
 def test_burst_past_queue_depth_gets_200_or_429_and_none_is_lost(serve: Any, tmp_path: Path) -> None:
     write_joblib_model(tmp_path, "slow", "v1", SleepyModel(4, delay_s=0.02))
-    server = serve(tmp_path, trusted_repository=1, max_queue_depth=32, max_batch_rows=8, queue_timeout_ms=30_000)
+    server = serve(
+        tmp_path, trusted_repository=1, max_queue_depth=32, max_batch_rows=8, queue_timeout_ms=30_000
+    )
     bodies = [msgspec.json.encode({"features": [i, 0, 0, 0]}) for i in range(2000)]
     started = time.monotonic()
     responses = asyncio.run(post_many("127.0.0.1", server.port, "/predict/slow", bodies, concurrency=256))
@@ -273,7 +292,9 @@ def test_readiness_waits_for_warm_up_and_liveness_does_not(serve: Any, tmp_path:
     assert httpx.post(server.url + "/predict/late", json={"features": [1, 2]}).json()["predictions"] == [1]
 
 
-def test_versions_that_fail_to_load_are_reported_and_not_served(serve: Any, tmp_path: Path, demo_repo: Path) -> None:
+def test_versions_that_fail_to_load_are_reported_and_not_served(
+    serve: Any, tmp_path: Path, demo_repo: Path
+) -> None:
     write_joblib_model(tmp_path, "m", "v1", FailOnNegative(2), toml='stable = "v1"\n')
     (tmp_path / "m" / "v2").mkdir()
     (tmp_path / "m" / "v2" / "model.skops").write_bytes(b"not a zip file")
@@ -285,5 +306,7 @@ def test_versions_that_fail_to_load_are_reported_and_not_served(serve: Any, tmp_
     assert versions["v2"]["state"] == "failed" and versions["v3"]["state"] == "failed"
     assert "outside the repository" in versions["v3"]["reason"]
     assert str(tmp_path) not in str(versions)
-    assert_error(httpx.post(server.url + "/predict/m/versions/v2", json={"features": [1, 2]}), 404, "unknown_version")
+    assert_error(
+        httpx.post(server.url + "/predict/m/versions/v2", json={"features": [1, 2]}), 404, "unknown_version"
+    )
     assert httpx.post(server.url + "/predict/m", json={"features": [1, 2]}).status_code == 200

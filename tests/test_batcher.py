@@ -71,7 +71,9 @@ def test_multi_row_requests_get_their_own_slice_back() -> None:
         batcher = make(loop, model, max_batch_rows=64, batch_window_ms=5)
         first = batcher.admit(PredictRequest(instances=[[1, 0], [2, 0], [3, 0]]))
         second = batcher.admit(row(4))
-        third = batcher.admit(PredictRequest(instances=np.array([[5, 0], [6, 0]], "<f8").tobytes(), shape=(2, 2)))
+        third = batcher.admit(
+            PredictRequest(instances=np.array([[5, 0], [6, 0]], "<f8").tobytes(), shape=(2, 2))
+        )
         assert await asyncio.gather(first, second, third) == [[1, 2, 3], [4], [5, 6]]
         assert model.batch_sizes == [6]
         await batcher.drain_and_stop(5)

@@ -90,7 +90,9 @@ class Server:
             for version, loaded in entry.versions.items():
                 predict = loaded.estimator.predict
                 key = (entry.name, version)
-                self.batchers[key] = Batcher(entry.name, version, predict, loaded.n_features, entry.batching, loop)
+                self.batchers[key] = Batcher(
+                    entry.name, version, predict, loaded.n_features, entry.batching, loop
+                )
                 self.encoders[key] = PredictionEncoder(entry.name, version)
         self.models = models
         broken = sorted(name for name, entry in models.items() if not entry.servable)

@@ -165,14 +165,14 @@ class Batcher:
                 self._notify_idle()
                 return
             if batch.expired:
-                self._expire(batch.expired)
+                self._expire(batch.expired)  # type: ignore[arg-type]
             if batch.n_rows:
                 self._busy = True
                 self._jobs.put(batch)
                 return
             queue.release(batch)
 
-    def _expire(self, waiters: list[Any]) -> None:
+    def _expire(self, waiters: list[asyncio.Future[list[Any]]]) -> None:
         self.stats.expired += len(waiters)
         timeout_ms = self.settings.queue_timeout_ms
         for future in waiters:
@@ -188,6 +188,7 @@ class Batcher:
                 return
             started = time.perf_counter()
             try:
+                assert batch.rows is not None  # only batches with rows are sent here
                 outcome: list[Any] | BaseException = np.asarray(self._predict(batch.rows)).tolist()
             except Exception as exc:  # the model's failure is the batch's answer, not the server's
                 logger.exception("predict failed for %s %s", self.model, self.version)
@@ -201,6 +202,7 @@ class Batcher:
     # -- resolution (event loop, once per batch) -------------------------------------------
 
     def _finish(self, batch: Batch, outcome: list[Any] | BaseException, elapsed: float) -> None:
+        waiters: list[asyncio.Future[list[Any]]] = batch.waiters  # type: ignore[assignment]
         stats = self.stats
         stats.batches += 1
         stats.rows += batch.n_rows
@@ -208,7 +210,7 @@ class Batcher:
         stats.predict_seconds += elapsed
         if isinstance(outcome, BaseException):
             stats.errors += len(batch.waiters)
-            for future in batch.waiters:
+            for future in waiters:
                 if not future.done():
                     future.set_exception(ModelError(f"{self.model} {self.version} failed to predict"))
         else:
@@ -216,7 +218,7 @@ class Batcher:
                 rate = batch.n_rows / elapsed
                 self._rows_per_s += _RATE_SMOOTHING * (rate - self._rows_per_s) if self._rows_per_s else rate
             offset = 0
-            for future, size in zip(batch.waiters, batch.sizes, strict=True):
+            for future, size in zip(waiters, batch.sizes, strict=True):
                 if not future.done():
                     future.set_result(outcome[offset : offset + size])
                 offset += size

@@ -55,7 +55,9 @@ class PredictRequest(msgspec.Struct):
         return len(self.instances)
 
 
-_DECODERS = {
+_DECODERS: dict[
+    WireFormat, msgspec.json.Decoder[PredictRequest] | msgspec.msgpack.Decoder[PredictRequest]
+] = {
     WireFormat.JSON: msgspec.json.Decoder(PredictRequest),
     WireFormat.MSGPACK: msgspec.msgpack.Decoder(PredictRequest),
 }

@@ -14,7 +14,7 @@ from fastserve._queue_py import FULL, default_capacity_rows
 if os.environ.get("FASTSERVE_NO_EXTENSIONS") == "1":
     from fastserve._queue_py import Batch, RingQueue
 else:
-    from fastserve._queue import Batch, RingQueue  # type: ignore[no-redef]
+    from fastserve._queue import Batch, RingQueue  # type: ignore[assignment]
 
 COMPILED: bool = RingQueue.__module__ == "fastserve._queue"
 
