@@ -16,9 +16,10 @@ import pytest
 import skops.io as sio
 from sklearn.datasets import load_digits
 
+from fastserve.registry import TRUSTED_TYPES
+
 from conftest import RunningServer, write_joblib_model
 from fake_models import FailOnNegative, SleepyModel
-from fastserve.registry import TRUSTED_TYPES
 from http_load import post_many
 
 pytestmark = pytest.mark.e2e
