@@ -41,6 +41,8 @@ class PredictRequest(msgspec.Struct):
                     f"`instances` holds {len(self.instances)} bytes; shape {rows}x{cols} of float64 "
                     f"needs {rows * cols * 8}"
                 )
+        elif self.shape is not None:
+            raise ValueError("`shape` goes only with binary `instances`")
         elif self.instances is not None and not self.instances:
             raise ValueError("`instances` is empty")
 
@@ -85,17 +87,26 @@ def request_format(content_type: bytes | None) -> WireFormat:
 
 
 def response_format(accept: bytes | None, default: WireFormat) -> WireFormat:
-    """The answer's format: what ``Accept`` names first among ours, else the request's."""
+    """The answer's format: ours that ``Accept`` weighs highest (first on a tie), else the request's."""
     if not accept or accept == b"*/*":
         return default
-    accept = accept.lower()
-    json_at = accept.find(b"json")
-    msgpack_at = accept.find(b"msgpack")
-    if msgpack_at < 0:
-        return WireFormat.JSON if json_at >= 0 else default
-    if json_at < 0 or msgpack_at < json_at:
-        return WireFormat.MSGPACK
-    return WireFormat.JSON
+    best, best_q = default, 0.0
+    for item in accept.lower().split(b","):
+        media, _, params = item.partition(b";")
+        found = _MEDIA_TYPES.get(media.strip())
+        if found is None:
+            continue
+        q = 1.0
+        for param in params.split(b";"):
+            key, _, value = param.partition(b"=")
+            if key.strip() == b"q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > best_q:
+            best, best_q = found, q
+    return best
 
 
 def decode(body: bytes, fmt: WireFormat) -> PredictRequest:
@@ -109,6 +120,8 @@ def decode(body: bytes, fmt: WireFormat) -> PredictRequest:
         raise MalformedBody(text) from None
     except msgspec.DecodeError as exc:
         raise MalformedBody(f"body is not valid {fmt.name}: {exc}") from None
+    except RecursionError:
+        raise MalformedBody("body is nested too deeply") from None
 
 
 class PredictionEncoder:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -118,15 +119,24 @@ def _group_from_env(cls: Any, env: Mapping[str, str]) -> Any:
     return validate(cls(**values))
 
 
-def validate(group: _T) -> _T:
-    """Refuse settings that cannot work, naming the setting."""
+_UPPER_BOUNDS = {"port": 65535}
+
+
+def validate(group: _T, where: str = "") -> _T:
+    """Refuse settings that cannot work, naming the setting (and the file it came from)."""
     for f in fields(group):  # type: ignore[arg-type]
         value = getattr(group, f.name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
+        name = f"{where}: {f.name}" if where else env_name(f.name)
         lowest = 0 if f.name in {"batch_window_ms", "port"} else 1
+        highest = _UPPER_BOUNDS.get(f.name, math.inf)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value} must be a finite number")
         if value < lowest:
-            raise ConfigError(f"{env_name(f.name)}={value} must be at least {lowest}")
+            raise ConfigError(f"{name}={value} must be at least {lowest}")
+        if value > highest:
+            raise ConfigError(f"{name}={value} must be at most {highest}")
     return group
 
 
@@ -139,7 +149,7 @@ def override(group: _T, table: Mapping[str, Any], where: str) -> _T:
         number = (int | float) if known[key] == "float" else int
         if isinstance(value, bool) or not isinstance(value, number):
             raise ConfigError(f"{where}: {key} = {value!r} is not a valid {known[key]}")
-    return validate(dataclasses.replace(group, **table))  # type: ignore[type-var]
+    return validate(dataclasses.replace(group, **table), where)  # type: ignore[type-var]
 
 
 def add_arguments(parser: argparse.ArgumentParser, *groups: type[Any]) -> None:

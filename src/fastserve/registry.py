@@ -94,7 +94,7 @@ class Registry:
         return models
 
     def _load_model(self, model_dir: Path) -> ModelEntry:
-        config = _read_model_toml(model_dir)
+        config = _read_model_toml(model_dir, self.root)
         where = f"{model_dir.name}/model.toml"
         entry = ModelEntry(
             name=model_dir.name,
@@ -153,17 +153,25 @@ class Registry:
         raise FileNotFoundError("no model.skops in the version directory")
 
 
-def _read_model_toml(model_dir: Path) -> dict[str, Any]:
+def _read_model_toml(model_dir: Path, root: Path) -> dict[str, Any]:
     path = model_dir / "model.toml"
-    if not path.is_file():
+    where = f"{model_dir.name}/model.toml"
+    if not path.exists():
         return {}
+    if not path.resolve().is_relative_to(root) or not path.is_file():
+        raise ConfigError(f"{where} resolves outside the repository")
     try:
         config = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{model_dir.name}/model.toml: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     unknown = set(config) - {"stable", "batching", "limits"}
     if unknown:
-        raise ConfigError(f"{model_dir.name}/model.toml: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    if not isinstance(config.get("stable", ""), str):
+        raise ConfigError(f"{where}: stable must be a version name in quotes")
+    for table in ("batching", "limits"):
+        if not isinstance(config.get(table, {}), dict):
+            raise ConfigError(f"{where}: {table} must be a table ([{table}])")
     return config
 
 
