@@ -17,8 +17,9 @@ next row to hand out. When a request does not fit before the buffer's end it sta
 at row 0 (``wrapped``) and the rows it skipped stay unused until the head passes them. A
 batch never crosses that seam, so a batch is always a view of the buffer, never a copy.
 
-Only the newest reservation can be aborted: the hot path reserves, writes and commits
-without yielding to the event loop, so no other reservation can come in between.
+Only the newest reservation can be aborted, and only right after it was made: the hot path
+reserves, writes and commits (or aborts) without yielding to the event loop, so no other
+reservation can come in between, and one undo record is all the queue keeps.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class RingQueue:
         self._wrapped = False  # live rows run [row_head, capacity) then [0, row_tail)
         self._undo_row_tail = 0  # how to take back the newest reservation
         self._undo_wrapped = False
+        self._undo_tail = -1  # the tail right after the reservation the undo is for
         self.queued_rows = 0  # rows reserved or committed, not yet drained
 
     # -- admission -------------------------------------------------------------------------
@@ -135,6 +137,7 @@ class RingQueue:
         self._rows[slot] = n_rows
         self._committed[slot] = False
         self._tail += 1
+        self._undo_tail = self._tail
         self.queued_rows += n_rows
         return slot
 
@@ -194,7 +197,8 @@ class RingQueue:
 
     def abort(self, slot: int) -> None:
         """Take back the newest reservation (its rows held bad input)."""
-        if self._tail == self._drained or slot != (self._tail - 1) % self.capacity_rows:
+        newest = (self._tail - 1) % self.capacity_rows
+        if self._undo_tail != self._tail or self._tail == self._drained or slot != newest:
             raise ValueError("only the newest reservation can be aborted")
         if self._committed[slot]:
             raise ValueError("a committed slot cannot be aborted")
@@ -202,6 +206,7 @@ class RingQueue:
         self.queued_rows -= self._rows[slot]
         self._row_tail = self._undo_row_tail
         self._wrapped = self._undo_wrapped
+        self._undo_tail = -1
 
     # -- draining --------------------------------------------------------------------------
 
