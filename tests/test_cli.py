@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,16 @@ def test_granian_cli_serves_the_app_from_environment_settings(tmp_path: Path, de
 
 def test_serve_with_two_workers(tmp_path: Path, demo_repo: Path, serve: Any) -> None:
     server = serve(demo_repo, "--workers", "2")
+    # Readiness is per worker and each loads its own models: wait until fresh connections,
+    # which land on either worker, keep finding it ready.
+    ready_in_a_row = 0
+    deadline = time.monotonic() + 60
+    while ready_in_a_row < 20:
+        assert time.monotonic() < deadline, server.output()
+        ok = httpx.get(server.url + "/readyz").status_code == 200
+        ready_in_a_row = ready_in_a_row + 1 if ok else 0
+        if not ok:
+            time.sleep(0.1)
     for _ in range(20):
         assert httpx.post(server.url + "/predict/digits", json=ROW).status_code == 200
     assert "worker-2" in server.output()

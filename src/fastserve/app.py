@@ -43,6 +43,7 @@ from fastserve.errors import (
     UnknownRoute,
     UnknownVersion,
 )
+from fastserve.queue import COMPILED
 from fastserve.registry import ModelEntry, Registry
 
 logger = logging.getLogger("fastserve")
@@ -347,7 +348,13 @@ def _status(server: Server) -> dict[str, Any]:
         for version, reason in entry.failed.items():
             versions[version] = {"state": "failed", "reason": reason}
         models[name] = {"aliases": {"stable": entry.stable}, "versions": versions}
-    return {"phase": server.phase, "problem": server.problem or None, "pid": os.getpid(), "models": models}
+    return {
+        "phase": server.phase,
+        "problem": server.problem or None,
+        "pid": os.getpid(),
+        "queue_implementation": "compiled" if COMPILED else "python",
+        "models": models,
+    }
 
 
 app = create_app()
