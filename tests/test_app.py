@@ -56,6 +56,17 @@ def status_of(server: RunningServer) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
+def status_of_when_up(server: RunningServer) -> dict[str, Any]:
+    """/status once the process answers at all (it may still be loading)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return status_of(server)
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     if response.headers["content-type"] == "application/msgpack":
@@ -316,3 +327,24 @@ def test_versions_that_fail_to_load_are_reported_and_not_served(
         httpx.post(server.url + "/predict/m/versions/v2", json={"features": [1, 2]}), 404, "unknown_version"
     )
     assert httpx.post(server.url + "/predict/m", json={"features": [1, 2]}).status_code == 200
+
+
+def test_a_model_without_a_servable_stable_keeps_the_server_unready_but_not_the_others(
+    serve: Any, tmp_path: Path
+) -> None:
+    write_joblib_model(tmp_path, "good", "v1", FailOnNegative(2))
+    write_joblib_model(tmp_path, "broken", "v1", FailOnNegative(2), toml='stable = "v2"\n')
+    (tmp_path / "broken" / "v2").mkdir()
+    (tmp_path / "broken" / "v2" / "model.skops").write_bytes(b"not a zip file")
+    server = serve(tmp_path, trusted_repository=1, wait_ready=False)
+    deadline = time.monotonic() + 60
+    while status_of_when_up(server)["phase"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ready = httpx.get(server.url + "/readyz")
+    assert_error(ready, 503, "not_ready")
+    assert "broken" in ready.json()["error"]["message"]
+    row = {"features": [1, 2]}
+    assert_error(httpx.post(server.url + "/predict/broken", json=row), 503, "not_ready")
+    assert httpx.post(server.url + "/predict/broken/versions/v1", json=row).status_code == 200
+    assert httpx.post(server.url + "/predict/good", json=row).json()["predictions"] == [1]

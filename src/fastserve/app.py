@@ -113,15 +113,23 @@ class Server:
         await asyncio.gather(*(b.drain_and_stop(_DRAIN_TIMEOUT_S) for b in self.batchers.values()))
 
     def check_ready(self) -> None:
+        """Readiness of the whole server: every model has its stable version serving."""
         if self.phase == "ready":
             return
         raise (Draining if self.phase == "draining" else NotReady)(self.problem)
+
+    def check_serving(self) -> None:
+        """Whether predictions are taken at all; a broken model does not stop the healthy ones."""
+        if self.phase in ("loading", "draining"):
+            self.check_ready()
 
     def batcher_for(self, model: str, version: str | None) -> tuple[Batcher, ModelEntry]:
         entry = self.models.get(model)
         if entry is None:
             raise UnknownModel(f"no model named {model!r}")
         if version is None:
+            if not entry.servable:
+                raise NotReady(f"model {model!r} has no servable stable version")
             version = entry.stable
         batcher = self.batchers.get((model, version)) if version is not None else None
         if batcher is None:
@@ -162,7 +170,7 @@ class PredictEndpoint:
             in_format = codec.request_format(content_type)
             out_format = codec.response_format(accept, in_format)
             server = self.server
-            server.check_ready()
+            server.check_serving()
             batcher, entry = server.batcher_for(params["model"], params.get("version"))
             limits = entry.limits
             body = await self._bodies.read(
