@@ -347,6 +347,7 @@ def _status(server: Server) -> dict[str, Any]:
                 "artifact": loaded.artifact,
                 "queue_depth_rows": batcher.queue.queued_rows,
                 "batches": stats.batches,
+                "rows": stats.rows,
                 "requests": stats.requests,
                 "mean_batch_rows": round(stats.mean_batch_rows, 3),
                 "shed": stats.shed,

@@ -1,0 +1,80 @@
+"""The compute ceiling: predict on full batches in a loop, no HTTP, no queue.
+
+For each batch size, ``predict`` is called on that many digits rows for a bounded time;
+the result is rows/s and seconds per call. No server can predict faster than this on one
+core, so a server's RPS over the ceiling *at the batch size it achieved* is the share of
+the core it spends on the model.
+
+    taskset -c 0 python -m bench.compute_ceiling bench/results/models/rf300.skops --seconds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bench.harness import Record
+
+BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256)
+
+
+def measure(model: Any, batch_sizes: Sequence[int] = BATCH_SIZES, seconds: float = 2.0) -> list[Record]:
+    """rows/s and seconds per ``predict`` call for each batch size, ``seconds`` of calls each (at least 3)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits().data
+    results = []
+    for size in batch_sizes:
+        x = np.ascontiguousarray(np.resize(data, (size, data.shape[1])))
+        model.predict(x)  # warm-up: first-call allocations
+        calls: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(calls) < 3 or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            model.predict(x)
+            calls.append(time.perf_counter() - start)
+        total = sum(calls)
+        results.append(
+            {
+                "batch_rows": size,
+                "calls": len(calls),
+                "s_per_call_mean": total / len(calls),
+                "s_per_call_median": statistics.median(calls),
+                "rows_per_s": round(size * len(calls) / total, 1),
+            }
+        )
+    return results
+
+
+def rows_per_s_at(ceiling: Sequence[Record], batch_rows: float) -> float:
+    """The ceiling's rows/s at a (fractional) mean batch size, interpolating seconds per call.
+
+    Time per call is close to affine in the batch size, so interpolating it (rather than
+    rows/s) is the better estimate between two measured sizes.
+    """
+    points = sorted((r["batch_rows"], r["s_per_call_mean"]) for r in ceiling)
+    sizes, times = [p[0] for p in points], [p[1] for p in points]
+    return float(batch_rows / np.interp(batch_rows, sizes, times))
+
+
+def main() -> None:
+    from bench.models import load
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a .skops file")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per batch size")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
+    args = parser.parse_args()
+    model = load(args.model)
+    for row in measure(model, [int(s) for s in args.batch_sizes.split(",")], args.seconds):
+        print(json.dumps({"kind": "compute_ceiling", "model": args.model, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

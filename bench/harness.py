@@ -1,0 +1,362 @@
+"""Shared machinery: start a server pinned to core 0, load it with wrk on core 1, stop it.
+
+Every server runs in its own process group (``start_new_session``) so that stopping it
+by its pid reaches the workers it spawned. Every wait is bounded: readiness polls give up
+after ``ready_timeout_s``, wrk runs under ``timeout``, a server that ignores SIGTERM gets
+SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.machine import (
+    CLIENT_CORE,
+    HZ,
+    SERVER_CORE,
+    SINGLE_THREAD_ENV,
+    busy_ticks,
+    calibrate,
+    children_cpu_s,
+    pinned,
+    tree_ticks,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+LUA_SCRIPT = BENCH_DIR / "wrk" / "post.lua"
+Record = dict[str, Any]  # one JSON line of results
+
+
+class HarnessError(RuntimeError):
+    """A server did not start, a tool is missing, or a run produced no result."""
+
+
+@dataclass
+class Server:
+    """How to start one server and where to reach it.
+
+    ``batch_metric`` names a Prometheus histogram on ``/metrics`` whose ``_sum``/``_count``
+    give the mean batch size; ``stats_file`` is the alternative for servers without
+    ``/metrics`` (a file holding ``rows batches``), and ``status_path`` a JSON status page
+    with ``rows`` and ``batches`` per model version (fastserve's ``/status``).
+    """
+
+    name: str
+    argv: list[str]
+    port: int
+    ready_path: str = "/readyz"
+    predict_path: str = "/predict/digits"
+    batch_metric: str | None = None
+    stats_file: Path | None = None
+    status_path: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_body(path: Path, row: int = 0) -> Path:
+    """Write ``{"features": [64 floats]}`` for one row of scikit-learn's bundled digits."""
+    from sklearn.datasets import load_digits
+
+    features = load_digits().data[row].tolist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"features": features}))
+    return path
+
+
+def require_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise HarnessError("wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
+    return wrk
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under ``pid`` (children, grandchildren, ...)."""
+    children, found, todo = _children(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def start(server: Server, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``server`` pinned to the server core, in its own process group, logging to a file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **SINGLE_THREAD_ENV, "PYTHONUNBUFFERED": "1", **server.env}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            pinned(SERVER_CORE, server.argv),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL whatever is left after ``timeout_s``."""
+    family = [proc.pid, *descendants(proc.pid)]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_in_group(pid, proc.pid) for pid in family):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in family:  # a worker that left the group is still ours
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        return _alive(pid) and os.getpgid(pid) == pgid
+    except ProcessLookupError:
+        return False
+
+
+def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def http_post(url: str, body: bytes, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(server: Server, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HarnessError(f"{server.name} exited with {proc.returncode}:\n{_tail(log_path)}")
+        with contextlib.suppress(OSError):
+            if http_get(server.url(server.ready_path), timeout_s=1.0)[0] == 200:
+                return
+        time.sleep(0.2)
+    raise HarnessError(f"{server.name} not ready after {timeout_s:.0f} s:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+@contextlib.contextmanager
+def serving(
+    server: Server, log_dir: Path, ready_timeout_s: float = 120.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``server`` for the duration of the block; it is always stopped, by pid, on the way out."""
+    log_path = log_dir / f"{server.name}.log"
+    proc = start(server, log_path)
+    try:
+        wait_ready(server, proc, log_path, ready_timeout_s)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def check_predict(server: Server, body: bytes) -> Record:
+    """One request before the load: a server answering 404 or 500 must not be measured."""
+    status, answer = http_post(server.url(server.predict_path), body)
+    if status != 200 or b"predictions" not in answer:
+        raise HarnessError(f"{server.name}: POST {server.predict_path} answered {status}: {answer[:200]!r}")
+    sample: Record = json.loads(answer)
+    return sample
+
+
+# --- measurements ----------------------------------------------------------------------
+
+
+def run_wrk(
+    url: str, connections: int, duration_s: int, body_file: Path, timeout_s: int = 10
+) -> dict[str, Any]:
+    """wrk pinned to the client core, one thread; the JSON line of ``post.lua``, plus ``rps``.
+
+    wrk takes whole seconds only. Requests slower than ``timeout_s`` count as timeout errors.
+    """
+    argv = pinned(CLIENT_CORE, [
+        require_wrk(), "-t1", f"-c{connections}", f"-d{duration_s}s",
+        f"--timeout={timeout_s}s", "--latency", "-s", str(LUA_SCRIPT), url,
+    ])  # fmt: skip
+    env = {**os.environ, "WRK_BODY_FILE": str(body_file)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration_s + timeout_s + 30)
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK_JSON "):
+            result: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
+            break
+    else:
+        raise HarnessError(f"wrk gave no result (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    seconds = result["duration_us"] / 1e6
+    statuses = {int(k): v for k, v in result["statuses"].items()}
+    ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
+    result["rps"] = round(ok / seconds, 1)
+    result["ok"] = ok
+    result["non_2xx"] = {str(s): n for s, n in statuses.items() if not 200 <= s < 300}
+    # wrk's errors.status counts every status >= 400: it is in non_2xx, not a socket error.
+    errors = result["errors"]
+    result["socket_errors"] = errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]
+    return result
+
+
+def batch_totals(server: Server) -> tuple[float, float] | None:
+    """(rows, batches) predicted so far, from ``/metrics`` or the stats file; None when unknown."""
+    if server.stats_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            rows, batches = server.stats_file.read_text().split()
+            return float(rows), float(batches)
+        return None
+    if server.status_path is not None:
+        return _status_totals(server)
+    if server.batch_metric is None:
+        return None
+    try:
+        status, text = http_get(server.url("/metrics"))
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    totals: dict[str, float] = {}
+    for line in text.decode(errors="replace").splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for suffix in ("_sum", "_count"):
+            if name == server.batch_metric + suffix:
+                totals[suffix] = totals.get(suffix, 0.0) + float(line.rsplit(" ", 1)[1])
+    return (totals["_sum"], totals["_count"]) if len(totals) == 2 else None
+
+
+def _status_totals(server: Server) -> tuple[float, float] | None:
+    assert server.status_path is not None
+    try:
+        status, text = http_get(server.url(server.status_path))
+        if status != 200:
+            return None
+        models = json.loads(text)["models"].values()
+        versions = [v for model in models for v in model["versions"].values() if "rows" in v]
+        return float(sum(v["rows"] for v in versions)), float(sum(v["batches"] for v in versions))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _mean_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
+def measure(
+    server: Server,
+    proc: subprocess.Popen[bytes],
+    connections: int,
+    duration_s: int,
+    body_file: Path,
+    warmup_s: int = 1,
+    client_pids: Sequence[int] = (),
+) -> dict[str, Any]:
+    """One load run against a ready server: wrk's figures, mean batch rows, and the noise.
+
+    ``calibration_ms`` is the slower of the calibrations just before and just after the run.
+    ``server_cpu_pct`` and ``wrk_cpu_pct`` say which side was saturated (near 100: that
+    side is the bottleneck). ``other_cpu_pct`` is, per CPU, the time that neither the
+    server, wrk nor this process used, in percent of that CPU: other work on a shared
+    machine. On the server's core it is time taken from the server; on wrk's core it is
+    mostly time wrk left idle (wrk runs at a higher priority). Interrupt time is left out.
+    ``client_pids`` are other client processes of ours on the client core (the probe).
+    """
+    url = server.url(server.predict_path)
+    calibration_before = calibrate()
+    if warmup_s > 0:
+        run_wrk(url, connections, warmup_s, body_file)
+    before_batches = batch_totals(server)
+    family = [proc.pid, *descendants(proc.pid)]
+    server_before, self_before = tree_ticks(family), tree_ticks([os.getpid(), *client_pids])
+    wrk_before = children_cpu_s()
+    busy_before, load_before = busy_ticks(), os.getloadavg()[0]
+    result = run_wrk(url, connections, duration_s, body_file)
+    busy = {cpu: ticks - busy_before.get(cpu, 0) for cpu, ticks in busy_ticks().items()}
+    wrk_ticks = (children_cpu_s() - wrk_before) * HZ
+    server_ticks = tree_ticks(family) - server_before
+    self_ticks = tree_ticks([os.getpid(), *client_pids]) - self_before
+    seconds = result["duration_us"] / 1e6
+    # The server is pinned to its core and wrk to its own; this process is not pinned but
+    # mostly asleep, so its (small) time is charged to the client core.
+    ours = {f"cpu{SERVER_CORE}": server_ticks, f"cpu{CLIENT_CORE}": wrk_ticks + self_ticks}
+    other = {cpu: round(max(0.0, t - ours.get(cpu, 0)) * 100 / HZ / seconds, 1) for cpu, t in busy.items()}
+    pct = 100 / HZ / seconds
+    result.update(
+        server=server.name,
+        connections=connections,
+        duration_s=duration_s,
+        mean_batch_rows=_mean_batch(before_batches, batch_totals(server)),
+        calibration_ms=max(calibration_before, calibrate()),
+        server_cpu_pct=round(server_ticks * pct, 1),
+        wrk_cpu_pct=round(wrk_ticks * pct, 1),
+        other_cpu_pct=other,
+        loadavg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+    )
+    return result

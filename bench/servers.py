@@ -1,0 +1,60 @@
+"""One small adapter per server: each returns the :class:`Server` that starts it on a free port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.harness import Server, free_port
+
+
+def fastserve_command() -> str | None:
+    """The ``fastserve`` executable, or None while it is not installed."""
+    return shutil.which("fastserve")
+
+
+def fastserve_demo(directory: Path) -> Path:
+    """The demo repository (``digits`` v1 = RF-300, v2 = HistGradientBoosting), written once."""
+    command = fastserve_command()
+    if command is None:
+        raise FileNotFoundError("fastserve")
+    if not (directory / "digits" / "v1" / "model.skops").exists():
+        subprocess.run([command, "demo", str(directory)], check=True, timeout=600, stdout=subprocess.DEVNULL)
+    return directory
+
+
+def fastserve(repository: Path, name: str = "fastserve", **settings: object) -> Server:
+    """``fastserve serve``, 1 worker; a setting is a flag: ``max_batch_rows=1`` → ``--max-batch-rows 1``."""
+    port = free_port()
+    argv = [fastserve_command() or "fastserve", "serve", "--repository", str(repository)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    for key, value in settings.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    # Until /metrics lands (issue 5), the batch counts come from /status.
+    return Server(name, argv, port, status_path="/status")
+
+
+def fastapi_batcher(model: Path, name: str = "fastapi-batcher", **settings: object) -> Server:
+    """FastAPI + uvicorn with the hand-rolled asyncio batcher (``bench/baselines/fastapi_batcher.py``)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.baselines.fastapi_batcher", str(model), "--port", str(port)]
+    for key, value in settings.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return Server(name, argv, port, batch_metric="batcher_batch_rows")
+
+
+def litserve(model: Path, stats_dir: Path, name: str = "litserve") -> Server:
+    """LitServe, ``max_batch_size=64``, ``batch_timeout=0.002`` (``bench/baselines/litserve_server.py``)."""
+    port = free_port()
+    stats_file = stats_dir / f"{name}-{port}.stats"
+    argv = [sys.executable, "-m", "bench.baselines.litserve_server", str(model), "--port", str(port)]
+    argv += ["--stats-file", str(stats_file)]
+    return Server(name, argv, port, ready_path="/health", stats_file=stats_file)
+
+
+def http_ceiling(name: str = "http-ceiling") -> Server:
+    """Granian + Starlette + msgspec answering a constant: no model (``bench/baselines/http_ceiling.py``)."""
+    port = free_port()
+    return Server(name, [sys.executable, "-m", "bench.baselines.http_ceiling", "--port", str(port)], port)
