@@ -95,6 +95,34 @@ def test_a_small_batch_waits_one_window_then_goes() -> None:
     run(scenario)
 
 
+def test_the_window_restarts_with_each_arrival_up_to_the_longest_delay() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=64, batch_window_ms=30, max_batch_delay_ms=200)
+        futures = []
+        for i in range(5):  # one arrival every 10 ms: each lands inside the window
+            futures.append(batcher.admit(row(i)))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*futures)
+        assert model.batch_sizes == [5]
+        await batcher.drain_and_stop(5)
+
+        model.batch_sizes.clear()
+        batcher = make(loop, model, max_batch_rows=64, batch_window_ms=30, max_batch_delay_ms=60)
+        started = time.monotonic()
+        futures = []
+        while time.monotonic() - started < 0.2:  # a steady trickle never lets the window pass
+            futures.append(batcher.admit(row(len(futures))))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*futures)
+        assert len(model.batch_sizes) >= 3  # the longest delay cut the trickle into batches
+        assert sum(model.batch_sizes) == len(futures)
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
 def test_no_window_means_no_wait() -> None:
     model = RecordingModel()
 

@@ -172,6 +172,7 @@ class PredictEndpoint:
             server = self.server
             server.check_serving()
             batcher, entry = server.batcher_for(params["model"], params.get("version"))
+            batcher.check_room()
             limits = entry.limits
             body = await self._bodies.read(
                 receive, content_length, limits.max_body_bytes, limits.body_timeout_ms

@@ -7,10 +7,12 @@ to its own predict thread, and the thread hands the whole batch back with one
 rows of the next batch pile up in the queue while the model works: under load, batches
 fill by themselves and no time is spent waiting for them.
 
-A batch goes to predict as soon as it is full; a smaller one waits at most
-``batch_window_ms`` from the moment the model is free for more requests to join it. At low
-load that is the latency a lone request pays for batching; under load the batch fills
-before the window ends.
+A batch goes to predict as soon as it is full. A smaller one waits for more requests while
+they keep coming: it goes once ``batch_window_ms`` pass with no new request, and at the
+latest ``max_batch_delay_ms`` after the model became free. At low load a lone request pays
+one window for batching; under load the batch fills, because a full batch costs the model
+no more than a small one and the event loop needs time to take in a batch's worth of
+requests.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ class Batcher:
         self._loop = loop
         self._max_batch_rows = settings.max_batch_rows
         self._window_s = settings.batch_window_ms / 1000
+        self._max_delay_s = max(settings.max_batch_delay_ms / 1000, self._window_s)
+        self._window_ends = 0.0
+        self._last_commit_s = 0.0
         self._busy = False  # a batch is in predict
         self._timer: asyncio.TimerHandle | None = None
         self._rows_per_s = 0.0
@@ -102,14 +107,9 @@ class Batcher:
         wrong; a refused or bad request never reaches a batch.
         """
         queue = self.queue
-        n_rows = request.n_rows
-        slot = queue.reserve(n_rows)
+        slot = queue.reserve(request.n_rows)
         if slot == FULL:
-            self.stats.shed += 1
-            raise QueueFull(
-                f"{self.model} {self.version}: queue is full ({queue.queued_rows} rows waiting)",
-                retry_after_s=self.retry_after_s(),
-            )
+            raise self._refusal()
         try:
             if request.features is not None:
                 queue.write_one(slot, request.features)
@@ -124,10 +124,25 @@ class Batcher:
             queue.abort(slot)
             raise BadFeatures(str(exc)) from None
         future: asyncio.Future[list[Any]] = self._loop.create_future()
-        queue.commit(slot, future, time.monotonic_ns())
+        now_ns = time.monotonic_ns()
+        queue.commit(slot, future, now_ns)
+        self._last_commit_s = now_ns / 1e9
         if not self._busy:
             self._schedule()
         return future
+
+    def check_room(self) -> None:
+        """Refuse at once when the queue is already full: before its body is read and
+        decoded, a refused request costs the event loop (and so the model) the least."""
+        if self.queue.queued_rows >= self.queue.max_queue_depth:
+            raise self._refusal()
+
+    def _refusal(self) -> QueueFull:
+        self.stats.shed += 1
+        return QueueFull(
+            f"{self.model} {self.version}: queue is full ({self.queue.queued_rows} rows waiting)",
+            retry_after_s=self.retry_after_s(),
+        )
 
     def retry_after_s(self) -> int:
         """Whole seconds until the rows queued now are likely through predict."""
@@ -138,20 +153,29 @@ class Batcher:
     # -- scheduling (event loop) -----------------------------------------------------------
 
     def _schedule(self) -> None:
-        # Called with no batch in predict: go now if a batch is full, else give the batch
-        # one window to fill. The window starts when the model becomes free, not when the
-        # oldest request arrived: requests that queued during a predict were mostly still
-        # in the server's sockets then, and a full batch costs the model no more than a
-        # small one.
+        # Called with no batch in predict: go now if a batch is full, else let it fill while
+        # requests keep arriving. The window starts when the model becomes free, not when the
+        # oldest request arrived: requests that queued during a predict were mostly still in
+        # the server's sockets then, and a full batch costs the model no more than a small one.
         queued = self.queue.queued_rows
         if queued >= self._max_batch_rows or (queued and self._window_s == 0):
             self._dispatch()
         elif queued and self._timer is None:
-            self._timer = self._loop.call_later(self._window_s, self._on_window_end)
+            self._window_ends = time.monotonic() + self._max_delay_s
+            self._timer = self._loop.call_later(self._window_s, self._on_timer)
 
-    def _on_window_end(self) -> None:
+    def _on_timer(self) -> None:
+        # A batch goes once no request has joined it for a whole window, or when the longest
+        # delay is up: under load requests keep arriving and the batch fills; a lone request
+        # at low load waits one window.
         self._timer = None
-        if not self._busy:
+        if self._busy:
+            return
+        now = time.monotonic()
+        next_check = min(self._last_commit_s + self._window_s, self._window_ends)
+        if next_check > now:
+            self._timer = self._loop.call_later(next_check - now, self._on_timer)
+        else:
             self._dispatch()
 
     def _dispatch(self) -> None:
