@@ -1,0 +1,67 @@
+"""The bench harness in smoke mode, so that it cannot rot: real servers under real wrk, briefly.
+
+Figures are not judged here (speed is measured in bench/, never asserted in a test): only
+that every server started, answered under load and was stopped, and that the records the
+README's tables are made from are there. wrk comes from the system (``apt-get install
+wrk``, which .ci/run does); without it these tests are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"),
+]
+
+ROOT = Path(__file__).parent.parent
+
+
+def _run_bench(module: str, out: Path) -> list[dict[str, Any]]:
+    env = dict(os.environ)
+    # The harness starts `fastserve` by name: the one installed beside this Python.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (lines,) = list(out.glob("*.jsonl"))
+    return [json.loads(line) for line in lines.read_text().splitlines()]
+
+
+def test_compare_runs_every_server_and_both_ceilings(tmp_path: Path) -> None:
+    records = _run_bench("bench.compare", tmp_path)
+    assert not [r for r in records if r["kind"] in ("error", "skipped")], records
+    runs = {(r["suite"], r["server"]): r for r in records if r["kind"] == "http"}
+    for server in ("fastserve", "fastapi-batcher", "litserve", "http-ceiling"):
+        run = runs["rf300", server]
+        assert run["ok"] > 0 and run["socket_errors"] == 0, run
+    assert runs["rf300", "fastserve"]["mean_batch_rows"] >= 1
+    assert runs["logreg", "fastserve"]["ok"] > 0
+    ceiling = [r for r in records if r["kind"] == "compute_ceiling" and r["suite"] == "rf300"]
+    assert [r["batch_rows"] for r in ceiling] == [1, 8, 16, 32, 64, 128, 256]
+    assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
+
+
+def test_mechanism_scenarios_run_and_lose_nothing(tmp_path: Path) -> None:
+    records = _run_bench("bench", tmp_path)
+    assert not [r for r in records if r["kind"] == "error"], records
+    scenarios = [r for r in records if r["kind"] == "scenario"]
+    batching = {r["batching"]: r for r in scenarios if r["scenario"] == "batching"}
+    assert batching["on"]["max_batch_rows"] == 64 and batching["off"]["mean_batch_rows"] == 1.0
+    (overload,) = [r for r in scenarios if r["scenario"] == "overload"]
+    assert overload["shed"] > 0 and overload["accepted"] > 0 and overload["lost"] == 0
