@@ -161,6 +161,11 @@ def test_msgpack_forms_and_content_negotiation(serve: Any, demo_repo: Path, digi
     }
     assert len(generated) == 3
 
+    # Paths that are not a predict route, and methods predict does not take.
+    assert_error(httpx.get(server.url + "/predict/digits"), 405, "method_not_allowed")
+    for path in ("/predict/", "/predict/digits/v2", "/predict/digits/versions/v2/x", "/nowhere"):
+        assert_error(httpx.post(server.url + path, json={"features": rows[0].tolist()}), 404, "not_found")
+
 
 def test_bad_input_is_refused_while_good_requests_succeed(serve: Any, demo_repo: Path, digits: Any) -> None:
     x, _ = digits
