@@ -156,6 +156,9 @@ def test_msgpack_forms_and_content_negotiation(serve: Any, demo_repo: Path, digi
 
     response = httpx.post(url, json={"features": rows[0].tolist()}, headers={"x-request-id": "trace-42"})
     assert response.headers["x-request-id"] == "trace-42"
+    for unsafe in ("a b", "x" * 129, "tab\there"):
+        response = httpx.post(url, json={"features": rows[0].tolist()}, headers={"x-request-id": unsafe})
+        assert response.status_code == 200 and response.headers["x-request-id"] != unsafe
     generated = {
         httpx.post(url, json={"features": rows[0].tolist()}).headers["x-request-id"] for _ in range(3)
     }

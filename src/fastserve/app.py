@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -138,8 +139,10 @@ class Server:
 
 
 _request_ids = itertools.count()
-_ID_PREFIX = os.urandom(4).hex()
-_MAX_REQUEST_ID = 128
+_ID_PREFIX = os.urandom(4).hex().encode()
+# An echoed X-Request-ID is visible ASCII, at most 128 bytes; anything else gets a fresh one.
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_CONTENT_TYPE = {fmt: fmt.value.encode() for fmt in WireFormat}
 
 
 class PredictEndpoint:
@@ -159,10 +162,10 @@ class PredictEndpoint:
                 content_length = int(value) if value.isdigit() else -1
             elif name == b"accept":
                 accept = value
-            elif name == b"x-request-id" and 0 < len(value) <= _MAX_REQUEST_ID and value.isascii():
+            elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
                 request_id = value
         if request_id is None:
-            request_id = b"%s-%x" % (_ID_PREFIX.encode(), next(_request_ids))
+            request_id = b"%s-%x" % (_ID_PREFIX, next(_request_ids))
 
         out_format = WireFormat.JSON
         params = scope["path_params"]
@@ -200,7 +203,7 @@ class PredictEndpoint:
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    (b"content-type", out_format.value.encode()),
+                    (b"content-type", _CONTENT_TYPE[out_format]),
                     (b"x-model-version", batcher.version.encode()),
                     (b"x-request-id", request_id),
                 ],
@@ -273,7 +276,7 @@ async def _receive_body(receive: Receive, max_bytes: int) -> bytes:
 
 async def _send_error(send: Send, error: FastServeError, fmt: WireFormat, request_id: bytes) -> None:
     headers = [
-        (b"content-type", fmt.value.encode()),
+        (b"content-type", _CONTENT_TYPE[fmt]),
         (b"x-request-id", request_id),
         *((name.encode(), value.encode()) for name, value in error.headers.items()),
     ]
