@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -356,3 +357,27 @@ def test_a_model_without_a_servable_stable_keeps_the_server_unready_but_not_the_
     assert_error(httpx.post(server.url + "/predict/broken", json=row), 503, "not_ready")
     assert httpx.post(server.url + "/predict/broken/versions/v1", json=row).status_code == 200
     assert httpx.post(server.url + "/predict/good", json=row).json()["predictions"] == [1]
+
+
+def test_shutdown_answers_every_admitted_request(serve: Any, tmp_path: Path) -> None:
+    write_joblib_model(tmp_path, "slow", "v1", SleepyModel(4, delay_s=0.2))
+    server = serve(tmp_path, trusted_repository=1, max_batch_rows=4)
+    bodies = [msgspec.json.encode({"features": [i, 0, 0, 0]}) for i in range(16)]
+
+    async def scenario() -> list[httpx.Response | BaseException]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = server.url + "/predict/slow"
+            pending = [asyncio.create_task(client.post(url, content=b, headers=JSON)) for b in bodies]
+            await asyncio.sleep(0.3)  # all 16 admitted; the first batch is in predict
+            os.killpg(server.process.pid, signal.SIGTERM)
+            return await asyncio.gather(*pending, return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    # Four batches of 0.2 s were queued when the stop came: each admitted request still
+    # gets its own answer, none an error. (Granian lets in-flight requests finish before
+    # the lifespan's shutdown, which then finds the queues empty.)
+    assert all(isinstance(o, httpx.Response) for o in outcomes), outcomes
+    answered = [o for o in outcomes if isinstance(o, httpx.Response)]
+    assert [r.status_code for r in answered] == [200] * len(bodies)
+    assert [r.json()["predictions"][0] for r in answered] == list(range(16))
+    assert server.process.wait(timeout=20) == 0
