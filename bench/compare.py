@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,19 +36,18 @@ from bench.machine import (
     SINGLE_THREAD_ENV,
     SLOW_FACTOR,
     calibrate,
-    machine_info,
     pinned,
     wait_for_quiet,
 )
 from bench.report import (
     NOISY_PCT,
-    Recorder,
     ceiling_table,
     cpu_column,
     http_table,
     machine_header,
     noise,
     plot,
+    start_session,
 )
 
 SERVERS = ("fastserve", "fastapi-batcher", "litserve", "http-ceiling")
@@ -166,12 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    work = args.out / stamp
-    recorder = Recorder(args.out / f"{stamp}.jsonl")
+    stamp, work, recorder, machine = start_session(args.out)
     body = write_body(work / "body.json")
-    machine = recorder.add({"kind": "machine", **machine_info()})
-    print(machine_header(machine), flush=True)
 
     report = [f"# fastserve vs peers ({stamp})\n", machine_header(machine), ""]
     settings = (

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from bench.compute_ceiling import rows_per_s_at
 from bench.harness import Record
-from bench.machine import SERVER_CORE, SLOW_FACTOR
+from bench.machine import SERVER_CORE, SLOW_FACTOR, machine_info
 
 FASTAPI, LITSERVE, HTTP_CEILING = "fastapi-batcher", "litserve", "http-ceiling"
 NOISY_PCT = 10.0  # other processes took more than this share of the server's core during the run
@@ -23,6 +24,16 @@ def cpu_column(run: Record) -> str:
     """``server / wrk / others on the server's core``, in percent of one core; ⚠ when disturbed."""
     flag = " ⚠" if noise(run) > NOISY_PCT else ""
     return f"{run['server_cpu_pct']:.0f} / {run['wrk_cpu_pct']:.0f} / {noise(run):.0f}{flag}"
+
+
+def start_session(out: Path, prefix: str = "") -> tuple[str, Path, Recorder, Record]:
+    """A timestamped results session: its stamp, its work folder, its recorder, and the
+    machine record (written first and printed, so that every table names its machine)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    recorder = Recorder(out / f"{prefix}{stamp}.jsonl")
+    machine = recorder.add({"kind": "machine", **machine_info()})
+    print(machine_header(machine), flush=True)
+    return stamp, out / f"{prefix}{stamp}", recorder, machine
 
 
 class Recorder:

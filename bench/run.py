@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench import models, servers
@@ -34,11 +33,10 @@ from bench.harness import (
 from bench.machine import (
     CLIENT_CORE,
     calibrate,
-    machine_info,
     pinned,
     wait_for_quiet,
 )
-from bench.report import Recorder, calibration_note, cpu_column, machine_header, table
+from bench.report import Recorder, calibration_note, cpu_column, machine_header, start_session, table
 
 NEEDS_DEPLOYMENT = "needs the deployment issue (#4)"
 TARGETS = ("fastserve", "fastapi-batcher")
@@ -192,12 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    args.work = args.out / f"run-{stamp}"
-    recorder = Recorder(args.out / f"run-{stamp}.jsonl")
-    machine = recorder.add({"kind": "machine", **machine_info()})
+    stamp, args.work, recorder, machine = start_session(args.out, prefix="run-")
     report = [f"# fastserve mechanisms ({stamp}, target {args.target})\n", machine_header(machine), ""]
-    print(machine_header(machine), flush=True)
     if args.target == "fastserve":
         if servers.fastserve_command() is None:
             line = "fastserve: skipped, the `fastserve` command is not installed (pip install -e .)"
