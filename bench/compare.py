@@ -50,7 +50,9 @@ from bench.report import (
     start_session,
 )
 
-SERVERS = ("fastserve", "fastapi-batcher", "litserve", "http-ceiling")
+# fastserve-batch256: the same server with max_batch_rows=256, to show throughput rising
+# with the batch where there are enough requests in flight to fill it (c=256).
+SERVERS = ("fastserve", "fastserve-batch256", "fastapi-batcher", "litserve", "http-ceiling")
 MISSING_FASTSERVE = "the `fastserve` command is not installed (pip install -e .)"
 
 
@@ -117,15 +119,16 @@ def _adapters(names: list[str], model_name: str, work: Path) -> list[Server | st
     model = models.model_path(model_name)
     chosen: list[Server | str] = []
     for name in names:
-        if name == "fastserve":
+        if name.startswith("fastserve"):
             if servers.fastserve_command() is None:
-                chosen.append(f"fastserve: skipped, {MISSING_FASTSERVE}")
+                chosen.append(f"{name}: skipped, {MISSING_FASTSERVE}")
                 continue
             if model_name == "rf300":
                 repo = servers.fastserve_demo(models.MODELS_DIR / "demo")
             else:
                 repo = models.repository(model_name)
-            chosen.append(servers.fastserve(repo))
+            settings = {"max_batch_rows": 256} if name == "fastserve-batch256" else {}
+            chosen.append(servers.fastserve(repo, name, **settings))
         elif name == "fastapi-batcher":
             chosen.append(servers.fastapi_batcher(model))
         elif name == "litserve":
