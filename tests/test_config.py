@@ -11,6 +11,7 @@ import pytest
 from fastserve.config import (
     GROUPS,
     BatchSettings,
+    DeploySettings,
     LimitSettings,
     RepositorySettings,
     ServerSettings,
@@ -23,6 +24,8 @@ from fastserve.config import (
 from fastserve.errors import ConfigError
 
 ALL_FIELDS = [(group, f) for group in GROUPS for f in dataclasses.fields(group)]
+# Secrets have an env var and no flag: a flag's value is visible to every user of `ps`.
+FLAG_FIELDS = [(group, f) for group, f in ALL_FIELDS if not f.metadata.get("env_only")]
 NUMERIC_FIELDS = [(group, f) for group, f in ALL_FIELDS if f.type in ("int", "float")]
 WHERE = "iris/model.toml"
 
@@ -314,7 +317,7 @@ def test_an_invalid_flag_value_is_named_when_settings_are_built(clean_env: pytes
 SAMPLE_FLAG_VALUES = {"int": ("7", 7), "float": ("2.5", 2.5), "str": ("somewhere", "somewhere")}
 
 
-@pytest.mark.parametrize(("group", "f"), ALL_FIELDS, ids=[f.name for _, f in ALL_FIELDS])
+@pytest.mark.parametrize(("group", "f"), FLAG_FIELDS, ids=[f.name for _, f in FLAG_FIELDS])
 def test_every_field_has_a_flag_and_an_env_var(
     clean_env: pytest.MonkeyPatch, group: type, f: dataclasses.Field[object]
 ) -> None:
@@ -341,6 +344,7 @@ def test_every_flag_at_once_round_trips(clean_env: pytest.MonkeyPatch) -> None:
         "--max-batch-rows", "8", "--batch-window-ms", "0",
         "--max-queue-depth", "100", "--queue-timeout-ms", "50",
         "--max-body-bytes", "2048", "--max-rows-per-request", "16", "--body-timeout-ms", "500",
+        "--state-path", "/var/lib/fastserve/state.sqlite",
     ]  # fmt: skip
     export_arguments(parser().parse_args(argv), *GROUPS)
     assert Settings.from_env() == Settings(
@@ -352,4 +356,18 @@ def test_every_flag_at_once_round_trips(clean_env: pytest.MonkeyPatch) -> None:
             max_batch_rows=8, batch_window_ms=0.0, max_queue_depth=100, queue_timeout_ms=50.0
         ),
         limits=LimitSettings(max_body_bytes=2048, max_rows_per_request=16, body_timeout_ms=500.0),
+        deploy=DeploySettings(state_path="/var/lib/fastserve/state.sqlite"),
     )
+
+
+def test_the_admin_token_comes_from_the_environment_only(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--admin-token", "0123456789abcdef"])
+    clean_env.setenv("FASTSERVE_ADMIN_TOKEN", "0123456789abcdef")
+    assert Settings.from_env().deploy.admin_token == "0123456789abcdef"
+
+
+def test_a_guessable_admin_token_is_refused(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("FASTSERVE_ADMIN_TOKEN", "hunter2")
+    with pytest.raises(ConfigError, match=r"^FASTSERVE_ADMIN_TOKEN must be at least 16 characters$"):
+        Settings.from_env()

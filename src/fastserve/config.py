@@ -65,6 +65,17 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class DeploySettings:
+    """Where the shared deployment state lives, and who may change it."""
+
+    # Empty: a file per repository under $XDG_STATE_HOME/fastserve (see state.default_state_path).
+    state_path: str = ""
+    # Bearer token for POST /deploy; empty leaves the route off (403). Environment only: a
+    # flag would show the token to every user of `ps`.
+    admin_token: str = field(default="", metadata={"env_only": True})
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a fastserve process needs, grouped by concern."""
 
@@ -72,6 +83,7 @@ class Settings:
     repository: RepositorySettings = field(default_factory=RepositorySettings)
     batching: BatchSettings = field(default_factory=BatchSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    deploy: DeploySettings = field(default_factory=DeploySettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +96,7 @@ _GROUPS: dict[str, type[Any]] = {
     "repository": RepositorySettings,
     "batching": BatchSettings,
     "limits": LimitSettings,
+    "deploy": DeploySettings,
 }
 
 _T = TypeVar("_T")
@@ -123,12 +136,16 @@ def _group_from_env(cls: Any, env: Mapping[str, str]) -> Any:
 
 
 _UPPER_BOUNDS = {"port": 65535}
+# Shorter than this, a token can be guessed: refuse it rather than serve a weak /deploy.
+MIN_TOKEN_LENGTH = 16
 
 
 def validate(group: _T, where: str = "") -> _T:
     """Refuse settings that cannot work, naming the setting (and the file it came from)."""
     for f in fields(group):  # type: ignore[arg-type]
         value = getattr(group, f.name)
+        if f.name == "admin_token" and 0 < len(value) < MIN_TOKEN_LENGTH:
+            raise ConfigError(f"{env_name(f.name)} must be at least {MIN_TOKEN_LENGTH} characters")
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         name = f"{where}: {f.name}" if where else env_name(f.name)
@@ -159,6 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser, *groups: type[Any]) -> None:
     """One ``--<field>`` flag per settings field; unset flags leave the env (or default) alone."""
     for cls in groups:
         for f in fields(cls):
+            if f.metadata.get("env_only"):
+                continue
             flag = "--" + f.name.replace("_", "-")
             kind = str(f.type)
             helptext = f"(env {env_name(f.name)}, default {f.default!r})"

@@ -26,6 +26,9 @@ class MalformedBody(FastServeError):
 class Unauthorized(FastServeError):
     status, code = 401, "unauthorized"
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"www-authenticate": "Bearer"})
+
 
 class DeployDisabled(FastServeError):
     status, code = 403, "deploy_disabled"
@@ -45,6 +48,12 @@ class UnknownRoute(FastServeError):
 
 class MethodNotAllowed(FastServeError):
     status, code = 405, "method_not_allowed"
+
+
+class DeployConflict(FastServeError):
+    """A deployment action that makes no sense in the current state (promote with no candidate)."""
+
+    status, code = 409, "deploy_conflict"
 
 
 class BodyTimeout(FastServeError):
