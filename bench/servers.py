@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from bench.harness import Server, free_port
@@ -30,6 +31,10 @@ def fastserve(repository: Path, name: str = "fastserve", **settings: object) -> 
     port = free_port()
     argv = [fastserve_command() or "fastserve", "serve", "--repository", str(repository)]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # A fresh deployment state per run: every run serves the repository's stable version (v1),
+    # whatever was deployed by hand or by an earlier run.
+    state = Path(tempfile.mkdtemp(prefix="fastserve-bench-state-")) / "state.sqlite"
+    argv += ["--state-path", str(state)]
     for key, value in settings.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     # Until /metrics lands (issue 5), the batch counts come from /status.

@@ -77,6 +77,8 @@ def running(
 ) -> Iterator[RunningServer]:
     """Start a server process in its own session; always stop it (and its workers) by pid."""
     log = tmp_path / f"server-{port}.log"
+    # Deployment state stays inside the test: by default it would go to ~/.local/state.
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
     with log.open("wb") as sink:
         process = subprocess.Popen(
             command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True

@@ -37,3 +37,18 @@ class FailOnNegative:
         if (rows[:, 0] < 0).any():
             raise RuntimeError("negative input: the model cannot predict this batch")
         return rows[:, 0].astype(np.int64)
+
+
+class EchoUnless:
+    """Echoes the first feature, except that rows whose first feature is ``odd_one_out`` get -1:
+    a candidate that disagrees with an echoing stable on exactly the rows a test chooses."""
+
+    def __init__(self, n_features: int, odd_one_out: float, delay_s: float = 0.0) -> None:
+        self.n_features_in_ = n_features
+        self.odd_one_out = odd_one_out
+        self.delay_s = delay_s
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        time.sleep(self.delay_s)
+        first = rows[:, 0].astype(np.int64)
+        return np.where(rows[:, 0] == self.odd_one_out, -1, first)

@@ -6,19 +6,23 @@ in every worker process.
 
 The predict endpoint is a raw ASGI callable: it reads the body itself under the size and
 time limits, decodes it once with msgspec, hands it to the model's batcher and sends bytes
-back. Starlette does the routing and the small JSON routes.
+back. Starlette does the routing and the small JSON routes, and ``POST /deploy``.
+
+Deployment state lives in the shared store (``state.py``); each worker polls it and swaps
+its routes when another process acted, so every worker follows the same aliases.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,22 +39,31 @@ from fastserve.config import Settings, resolve_repository
 from fastserve.errors import (
     BodyTimeout,
     BodyTooLarge,
+    ConfigError,
+    DeployDisabled,
     Draining,
     FastServeError,
     MethodNotAllowed,
     NotReady,
     TooManyRows,
+    Unauthorized,
     UnknownModel,
     UnknownRoute,
-    UnknownVersion,
 )
 from fastserve.queue import COMPILED
 from fastserve.registry import ModelEntry, Registry
+from fastserve.router import Router
+from fastserve.state import Action, Deployment, DeploymentStore, decode_action, state_path
 
 logger = logging.getLogger("fastserve")
 
 # How long shutdown waits for queued requests to be answered before giving up on them.
 _DRAIN_TIMEOUT_S = 10.0
+# How often a worker looks for actions taken through other processes: an action governs
+# every worker within about this long.
+_STATE_POLL_S = 0.05
+# A deployment action is a few dozen bytes of JSON.
+_MAX_ACTION_BYTES = 16 * 1024
 
 
 class _ClientGone(Exception):
@@ -58,16 +71,22 @@ class _ClientGone(Exception):
 
 
 class Server:
-    """What one worker process serves: the loaded models, their batchers, and readiness."""
+    """What one worker process serves: the loaded models, their batchers, routes and readiness."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.models: dict[str, ModelEntry] = {}
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self.encoders: dict[tuple[str, str], PredictionEncoder] = {}
-        self.phase = "loading"  # loading -> ready | failed -> draining
+        self.router = Router(self.batchers)
+        self.store: DeploymentStore | None = None
+        self.phase = "loading"  # loading -> serving | failed -> draining
         self.problem = "models are loading"
+        token = settings.deploy.admin_token
+        self._admin_token = token.encode() if token else None
         self._loader: asyncio.Task[None] | None = None
+        self._poller: asyncio.TimerHandle | None = None
+        self._poll_failing = False
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -83,6 +102,11 @@ class Server:
         registry = Registry(repo, self.settings.repository, self.settings.batching, self.settings.limits)
         try:
             models = await asyncio.to_thread(registry.load_all)
+            if not models:
+                raise ConfigError("the repository holds no model")
+            store = DeploymentStore(state_path(self.settings))
+            stables = {name: entry.stable for name, entry in models.items() if entry.stable is not None}
+            await asyncio.to_thread(store.seed, stables, f"server pid {os.getpid()}")
         except Exception as exc:
             self.phase, self.problem = "failed", f"loading the repository failed: {exc}"
             logger.error("%s", self.problem)
@@ -97,45 +121,75 @@ class Server:
                 )
                 self.encoders[key] = PredictionEncoder(entry.name, version)
         self.models = models
-        broken = sorted(name for name, entry in models.items() if not entry.servable)
-        if not models:
-            self.phase, self.problem = "failed", "the repository holds no model"
-        elif broken:
-            self.phase, self.problem = "failed", f"no servable stable version for: {', '.join(broken)}"
-        else:
-            self.phase, self.problem = "ready", ""
-        if self.phase == "failed":
-            logger.error("not ready: %s", self.problem)
+        self.store = store
+        self._refresh_routes()
+        self._poller = loop.call_later(_STATE_POLL_S, self._poll)
+        self.phase, self.problem = "serving", ""
+        broken = self.router.unservable()
+        if broken:
+            logger.error("not ready: no servable stable version for: %s", ", ".join(broken))
+
+    def _refresh_routes(self) -> None:
+        assert self.store is not None
+        # Note the data version before reading: a commit in between is seen by the next poll.
+        self.store.changed()
+        self.router.update(self.store.deployments(), self.models)
+
+    def _poll(self) -> None:
+        assert self.store is not None
+        try:
+            if self.store.changed():
+                self.router.update(self.store.deployments(), self.models)
+            self._poll_failing = False
+        except Exception:  # a locked or vanished file must not stop the polling
+            if not self._poll_failing:  # once per outage, not 20 times a second
+                logger.exception("reading the deployment state failed; keeping the current routes")
+            self._poll_failing = True
+        self._poller = asyncio.get_running_loop().call_later(_STATE_POLL_S, self._poll)
 
     async def _stop(self) -> None:
         self.phase, self.problem = "draining", "the server is shutting down"
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
+        if self._poller is not None:
+            self._poller.cancel()
         await asyncio.gather(*(b.drain_and_stop(_DRAIN_TIMEOUT_S) for b in self.batchers.values()))
+        if self.store is not None:
+            self.store.close()
 
     def check_ready(self) -> None:
         """Readiness of the whole server: every model has its stable version serving."""
-        if self.phase == "ready":
-            return
+        if self.phase == "serving":
+            broken = self.router.unservable()
+            if not broken:
+                return
+            raise NotReady(f"no servable stable version for: {', '.join(broken)}")
         raise (Draining if self.phase == "draining" else NotReady)(self.problem)
 
     def check_serving(self) -> None:
         """Whether predictions are taken at all; a broken model does not stop the healthy ones."""
-        if self.phase in ("loading", "draining"):
-            self.check_ready()
+        if self.phase != "serving":
+            raise (Draining if self.phase == "draining" else NotReady)(self.problem)
 
-    def batcher_for(self, model: str, version: str | None) -> tuple[Batcher, ModelEntry]:
-        entry = self.models.get(model)
-        if entry is None:
+    def check_admin(self, authorization: str | None) -> None:
+        """``/deploy`` is off without a configured token, and needs exactly that token."""
+        if self._admin_token is None:
+            raise DeployDisabled("deployment actions are off: set FASTSERVE_ADMIN_TOKEN to enable them")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._admin_token):
+            raise Unauthorized("a valid `Authorization: Bearer <admin token>` header is required")
+
+    async def act(self, model: str, action: Action, actor: str) -> Deployment:
+        """Apply a deployment action for every worker; this one follows it at once."""
+        self.check_serving()
+        if model not in self.models:
             raise UnknownModel(f"no model named {model!r}")
-        if version is None:
-            if not entry.servable:
-                raise NotReady(f"model {model!r} has no servable stable version")
-            version = entry.stable
-        batcher = self.batchers.get((model, version)) if version is not None else None
-        if batcher is None:
-            raise UnknownVersion(f"model {model!r} serves no version {version!r}")
-        return batcher, entry
+        assert self.store is not None
+        servable = {version: loaded.n_features for version, loaded in self.models[model].versions.items()}
+        deployment = await asyncio.to_thread(self.store.act, model, action, servable, actor)
+        self._refresh_routes()
+        logger.info("deploy %s by %s: %s", model, actor, deployment.as_dict())
+        return deployment
 
 
 _request_ids = itertools.count()
@@ -153,7 +207,7 @@ class PredictEndpoint:
         self._bodies = _BodyDeadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        content_type = accept = request_id = None
+        content_type = accept = request_id = routing_key = None
         content_length = -1
         for name, value in scope["headers"]:
             if name == b"content-type":
@@ -164,6 +218,8 @@ class PredictEndpoint:
                 accept = value
             elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
                 request_id = value
+            elif name == b"x-routing-key":
+                routing_key = value
         if request_id is None:
             request_id = b"%s-%x" % (_ID_PREFIX, next(_request_ids))
 
@@ -174,9 +230,13 @@ class PredictEndpoint:
             out_format = codec.response_format(accept, in_format)
             server = self.server
             server.check_serving()
-            batcher, entry = server.batcher_for(params["model"], params.get("version"))
+            version = params.get("version")
+            if version is None:
+                batcher, mirror = server.router.route(params["model"], routing_key)
+            else:
+                batcher, mirror = server.router.pinned(params["model"], version), None
             batcher.check_room()
-            limits = entry.limits
+            limits = server.models[batcher.model].limits
             body = await self._bodies.read(
                 receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
             )
@@ -185,7 +245,10 @@ class PredictEndpoint:
             if n_rows > limits.max_rows_per_request or n_rows > batcher.queue.max_queue_depth:
                 limit = min(limits.max_rows_per_request, batcher.queue.max_queue_depth)
                 raise TooManyRows(f"{n_rows} rows in one request; the limit is {limit}")
-            predictions = await batcher.admit(request)
+            answer = batcher.admit(request)
+            if mirror is not None:
+                server.router.shadow.mirror(mirror, request, answer, request_id)
+            predictions = await answer
             payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
         except FastServeError as error:
             await _send_error(send, error, out_format, request_id)
@@ -339,6 +402,13 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
     async def status(_request: Request) -> Response:
         return JSONResponse(_status(server))
 
+    async def deploy(request: Request) -> Response:
+        server.check_admin(request.headers.get("authorization"))
+        action = decode_action(await _small_body(request, _MAX_ACTION_BYTES))
+        client = request.client.host if request.client else "unknown"
+        deployment = await server.act(request.path_params["model"], action, actor=f"http {client}")
+        return JSONResponse(deployment.as_dict())
+
     async def on_http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
@@ -358,6 +428,7 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
         routes=[
             Route("/predict/{model}", predict, methods=["POST"]),
             Route("/predict/{model}/versions/{version}", predict, methods=["POST"]),
+            Route("/deploy/{model}", deploy, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/status", status),
@@ -371,6 +442,15 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
     )
     app.state.server = server
     return PredictFirst(app, predict)
+
+
+async def _small_body(request: Request, max_bytes: int) -> bytes:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise BodyTooLarge(f"body passed {max_bytes} bytes")
+    return body
 
 
 def _status(server: Server) -> dict[str, Any]:
@@ -395,14 +475,39 @@ def _status(server: Server) -> dict[str, Any]:
             }
         for version, reason in entry.failed.items():
             versions[version] = {"state": "failed", "reason": reason}
-        models[name] = {"aliases": {"stable": entry.stable}, "versions": versions}
+        route = server.router.routes.get(name)
+        deployment = route.deployment if route is not None else None
+        models[name] = {
+            "aliases": {
+                "stable": deployment.stable if deployment else None,
+                "candidate": deployment.candidate if deployment else None,
+            },
+            "canary": deployment.canary if deployment else 0.0,
+            "shadow": deployment.shadow if deployment else False,
+            "previous_stable": deployment.previous_stable if deployment else None,
+            "routing_problem": route.problem or None if route is not None else None,
+            "routed": _nested(server.router.routed.get(name, {})),
+            "shadow_outcomes": _nested(server.router.shadow.outcomes.get(name, {})),
+            "versions": versions,
+        }
+    history = server.store.history() if server.store is not None else []
     return {
         "phase": server.phase,
+        "ready": server.phase == "serving" and not server.router.unservable(),
         "problem": server.problem or None,
         "pid": os.getpid(),
         "queue_implementation": "compiled" if COMPILED else "python",
         "models": models,
+        "deploy_log": [entry.as_dict() for entry in history],
     }
+
+
+def _nested(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """``{(version, label): n}`` as ``{version: {label: n}}``, for JSON."""
+    nested: dict[str, dict[str, int]] = {}
+    for (version, label), n in sorted(counts.items()):
+        nested.setdefault(version, {})[label] = n
+    return nested
 
 
 app = create_app()

@@ -106,10 +106,27 @@ class Batcher:
         Raises ``QueueFull`` when admission is refused and ``BadFeatures`` when its rows are
         wrong; a refused or bad request never reaches a batch.
         """
+        future = self._enqueue(request)
+        if future is None:
+            raise self._refusal()
+        return future
+
+    def offer(self, request: PredictRequest) -> asyncio.Future[list[Any]] | None:
+        """Queue a shadow copy if there is room, else ``None``: a copy is the first thing dropped,
+        and dropping it is not a refusal anybody sees. Copies take at most half the queue, so
+        they never crowd out the candidate's own (canary) requests."""
+        if self.queue.queued_rows + request.n_rows > self.queue.max_queue_depth // 2:
+            return None
+        try:
+            return self._enqueue(request)
+        except BadFeatures:
+            return None
+
+    def _enqueue(self, request: PredictRequest) -> asyncio.Future[list[Any]] | None:
         queue = self.queue
         slot = queue.reserve(request.n_rows)
         if slot == FULL:
-            raise self._refusal()
+            return None
         try:
             if request.features is not None:
                 queue.write_one(slot, request.features)

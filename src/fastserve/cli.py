@@ -1,28 +1,49 @@
-"""``fastserve serve | demo``: the command line.
+"""``fastserve serve | demo | deploy | status``: the command line.
 
 Every settings field is a flag; ``serve`` exports the flags it was given as
 ``FASTSERVE_*`` variables, so the Granian worker processes it starts (which import
-``fastserve.app:app`` afresh) see exactly the same settings.
+``fastserve.app:app`` afresh) see exactly the same settings. ``deploy`` and ``status`` act
+on the same deployment state file as the running server, without HTTP: every worker
+follows an action within about 50 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import getpass
+import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fastserve import __version__
 from fastserve.config import (
     GROUPS,
+    DeploySettings,
+    RepositorySettings,
     Settings,
     add_arguments,
     default_demo_repository,
     env_name,
     export_arguments,
+    resolve_repository,
 )
-from fastserve.errors import ConfigError
+from fastserve.errors import ConfigError, FastServeError, UnknownModel
+from fastserve.registry import Registry
+from fastserve.state import (
+    ACTION_NAMES,
+    Action,
+    Candidate,
+    ClearCandidate,
+    DeploymentStore,
+    Promote,
+    Rollback,
+    state_path,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +56,24 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train and write the demo repository (digits v1 and v2)")
     demo.add_argument("directory", nargs="?", type=Path, default=None)
+
+    deploy = commands.add_parser(
+        "deploy",
+        help="move a model's aliases: candidate, promote, rollback, clear_candidate",
+        description="Acts on the deployment state file directly. It checks that the version is in "
+        "the repository, not that it loads: a version the server cannot load gets no traffic, and "
+        "/status says why.",
+    )
+    deploy.add_argument("model")
+    deploy.add_argument("action", choices=ACTION_NAMES)
+    deploy.add_argument("version", nargs="?", help="for candidate (required) and rollback (optional)")
+    deploy.add_argument("--canary", type=float, default=0.0, help="share of traffic to the candidate, 0-1")
+    deploy.add_argument("--shadow", action="store_true", help="mirror stable's traffic to the candidate")
+    add_arguments(deploy, RepositorySettings, DeploySettings)
+
+    status = commands.add_parser("status", help="the deployment state and the recent actions, as JSON")
+    status.add_argument("--history", type=int, default=20, metavar="N", help="show the last N actions")
+    add_arguments(status, RepositorySettings, DeploySettings)
     return parser
 
 
@@ -43,10 +82,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args.directory or default_demo_repository())
+        if args.command == "deploy":
+            return _deploy(args)
+        if args.command == "status":
+            return _status(args)
         return _serve(args)
-    except ConfigError as exc:
+    except (ConfigError, FastServeError) as exc:
         print(f"fastserve: {exc}", file=sys.stderr)
         return 1
+
+
+def _offline_store(args: argparse.Namespace) -> tuple[DeploymentStore, dict[str, list[str]]]:
+    """The state file the server uses, seeded like the server would, and the versions on disk."""
+    export_arguments(args, RepositorySettings, DeploySettings)
+    settings = Settings.from_env()
+    repository = resolve_repository(settings.repository)
+    discovered = Registry(repository, settings.repository, settings.batching, settings.limits).discover()
+    store = DeploymentStore(state_path(settings))
+    store.seed({model: stable for model, (_, stable) in discovered.items() if stable}, _actor())
+    return store, {model: versions for model, (versions, _) in discovered.items()}
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        user = str(os.getuid())
+    return f"cli {user}@{socket.gethostname()}"
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    action: Action
+    if args.action == "candidate":
+        if args.version is None:
+            raise ConfigError("candidate needs a VERSION")
+        action = Candidate(args.version, canary=_share(args.canary), shadow=args.shadow)
+    elif args.version is not None and args.action != "rollback":
+        raise ConfigError(f"{args.action} takes no VERSION")
+    elif args.action == "promote":
+        action = Promote()
+    elif args.action == "rollback":
+        action = Rollback(args.version)
+    else:
+        action = ClearCandidate()
+    store, versions = _offline_store(args)
+    if args.model not in versions:
+        raise UnknownModel(f"no model named {args.model!r} in the repository")
+    # The feature counts are unknown without loading the models; the server checks them.
+    servable: dict[str, int | None] = dict.fromkeys(versions[args.model])
+    deployment = store.act(args.model, action, servable, _actor())
+    print(json.dumps(deployment.as_dict(), indent=2))
+    return 0
+
+
+def _share(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"--canary={value} must be between 0 and 1")
+    return value
+
+
+def _status(args: argparse.Namespace) -> int:
+    store, versions = _offline_store(args)
+    deployments = store.deployments()
+    state = {
+        "models": {
+            model: {**deployments[model].as_dict(), "versions": versions[model]}
+            for model in versions
+            if model in deployments
+        },
+        "deploy_log": [entry.as_dict() for entry in store.history(args.history)],
+    }
+    print(json.dumps(state, indent=2))
+    return 0
 
 
 def _demo(directory: Path) -> int:
@@ -89,8 +196,21 @@ def _serve(args: argparse.Namespace) -> int:
         interface=Interfaces.ASGI,
         workers=server.workers,
         log_access=False,
+        log_dictconfig=_logging_config(),
     ).serve()
     return 0
+
+
+def _logging_config() -> dict[str, Any]:
+    """Granian's logging, plus fastserve's: deploy actions at INFO, and the shadow
+    disagreement samples as bare JSON lines that a log shipper can parse."""
+    from granian.log import LOGGING_CONFIG
+
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    # Granian merges this dict shallowly: it has to carry Granian's own loggers too.
+    config["loggers"]["fastserve"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
+    config["loggers"]["fastserve.shadow"] = {"handlers": ["access"], "level": "INFO", "propagate": False}
+    return config
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class ModelEntry:
     """One model directory: its servable versions, failures, and its settings."""
 
     name: str
+    # The stable version the repository asks for (model.toml, else the latest that loaded):
+    # it seeds the deployment state the first time the model is seen; the state rules after.
     stable: str | None
     batching: BatchSettings
     limits: LimitSettings
@@ -84,14 +86,30 @@ class Registry:
 
     def load_all(self) -> dict[str, ModelEntry]:
         """Discover, load and warm every version; blocking, meant for a worker thread."""
-        if not self.root.is_dir():
-            raise ConfigError(f"FASTSERVE_REPOSITORY: {self.root.name!r} is not a directory")
-        models = {}
-        for model_dir in sorted(self.root.iterdir()):
-            if model_dir.is_dir() and _NAME.match(model_dir.name):
-                models[model_dir.name] = self._load_model(model_dir)
+        models = {model_dir.name: self._load_model(model_dir) for model_dir in self._model_dirs()}
         self.models = models
         return models
+
+    def discover(self) -> dict[str, tuple[list[str], str | None]]:
+        """Each model's versions that have an artifact, and the stable the repository asks for,
+        without loading anything (for the CLI, which acts on the deployment state offline)."""
+        found = {}
+        for model_dir in self._model_dirs():
+            stable = _read_model_toml(model_dir, self.root).get("stable")
+            versions = [d.name for d in _version_dirs(model_dir) if self._has_artifact(d)]
+            if stable is None and versions:
+                stable = versions[-1]
+            found[model_dir.name] = (versions, stable)
+        return found
+
+    def _model_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise ConfigError(f"FASTSERVE_REPOSITORY: {self.root.name!r} is not a directory")
+        return [d for d in sorted(self.root.iterdir()) if d.is_dir() and _NAME.match(d.name)]
+
+    def _has_artifact(self, version_dir: Path) -> bool:
+        names = ("model.skops", "model.joblib") if self.settings.trusted_repository else ("model.skops",)
+        return any((version_dir / name).exists() for name in names)
 
     def _load_model(self, model_dir: Path) -> ModelEntry:
         config = _read_model_toml(model_dir, self.root)
@@ -102,8 +120,7 @@ class Registry:
             batching=override(self.batching, config.get("batching", {}), where),
             limits=override(self.limits, config.get("limits", {}), where),
         )
-        version_dirs = [d for d in model_dir.iterdir() if d.is_dir() and _NAME.match(d.name)]
-        for version_dir in sorted(version_dirs, key=lambda d: version_key(d.name)):
+        for version_dir in _version_dirs(model_dir):
             try:
                 entry.versions[version_dir.name] = self._load_version(version_dir)
             except Exception as exc:  # any failure makes the version unservable, not the server
@@ -151,6 +168,12 @@ class Registry:
                 "model.joblib is only loaded from a trusted repository (FASTSERVE_TRUSTED_REPOSITORY=1)"
             )
         raise FileNotFoundError("no model.skops in the version directory")
+
+
+def _version_dirs(model_dir: Path) -> list[Path]:
+    """A model's version directories, in natural order (oldest first)."""
+    found = [d for d in model_dir.iterdir() if d.is_dir() and _NAME.match(d.name)]
+    return sorted(found, key=lambda d: version_key(d.name))
 
 
 def _read_model_toml(model_dir: Path, root: Path) -> dict[str, Any]:
