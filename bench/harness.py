@@ -86,6 +86,23 @@ def write_body(path: Path, row: int = 0) -> Path:
     return path
 
 
+def write_bodies(path: Path, rows: int = 500, noise: float = 3.0) -> Path:
+    """One ``{"features": [...]}`` body per line: wrk sends them in turn (``wrk/post.lua``).
+
+    Digits rows with seeded noise: both demo versions classify the clean training rows
+    perfectly, so without noise they would never disagree.
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(0)
+    data = load_digits().data[:rows]
+    data = np.clip(data + rng.normal(0.0, noise, data.shape), 0.0, 16.0).round(2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"features": row.tolist()}) + "\n" for row in data))
+    return path
+
+
 def require_wrk() -> str:
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -180,8 +197,11 @@ def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def http_post(url: str, body: bytes, timeout_s: float = 10.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def http_post(
+    url: str, body: bytes, timeout_s: float = 10.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, response.read()

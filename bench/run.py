@@ -1,8 +1,9 @@
 """What each fastserve mechanism buys, measured over real HTTP on the demo repository.
 
 1. batching on vs off (``--max-batch-rows 1``): RPS, p50/p95/p99, mean batch rows;
-2. canary: configured vs observed share per version;   } need the deployment issue (#4):
-3. shadow: mirrored count and disagreement rate;        } they say so, with no figure;
+2. canary: configured vs observed share of answers per version;
+3. shadow: mirrored count, agreement and disagreement rate, drops, and what mirroring costs
+   stable's throughput (the candidate predicts on the same core);
 4. overload (small ``--max-queue-depth``) at 4x capacity: accepted vs shed, p99 of
    accepted requests, p99 time-to-429, requests lost.
 
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import secrets
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench import models, servers
 from bench.harness import (
@@ -25,9 +29,12 @@ from bench.harness import (
     HarnessError,
     Server,
     check_predict,
+    http_get,
+    http_post,
     measure,
     require_wrk,
     serving,
+    write_bodies,
     write_body,
 )
 from bench.machine import (
@@ -38,8 +45,8 @@ from bench.machine import (
 )
 from bench.report import Recorder, calibration_note, cpu_column, machine_header, start_session, table
 
-NEEDS_DEPLOYMENT = "needs the deployment issue (#4)"
 TARGETS = ("fastserve", "fastapi-batcher")
+FASTSERVE_ONLY = "fastserve only: the baseline has no versions"
 
 
 def _ms(us: float) -> str:
@@ -96,6 +103,118 @@ def batching(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
         + "\n"
         + calibration_note(runs)
     )
+
+
+def _deployable(args: argparse.Namespace, name: str) -> tuple[Server, dict[str, str]]:
+    """fastserve with /deploy on (a fresh token per run), and the header that authorizes it."""
+    token = secrets.token_urlsafe(24)
+    server = servers.fastserve(args.repository, name=name)
+    server.env["FASTSERVE_ADMIN_TOKEN"] = token
+    return server, {"Authorization": f"Bearer {token}"}
+
+
+def _deploy(server: Server, auth: dict[str, str], **action: object) -> None:
+    status, answer = http_post(server.url("/deploy/digits"), json.dumps(action).encode(), headers=auth)
+    if status != 200:
+        raise HarnessError(f"POST /deploy/digits {action} answered {status}: {answer[:200]!r}")
+
+
+def _digits_status(server: Server) -> dict[str, Any]:
+    status, text = http_get(server.url("/status"))
+    if status != 200:
+        raise HarnessError(f"GET /status answered {status}")
+    digits: dict[str, Any] = json.loads(text)["models"]["digits"]
+    return digits
+
+
+def _answered(digits: dict[str, Any]) -> dict[str, int]:
+    return {version: v.get("requests", 0) for version, v in digits["versions"].items()}
+
+
+def canary(args: argparse.Namespace, _body: Path, recorder: Recorder) -> str:
+    """v2 as candidate with a canary share: the share of answers each version gave, under load."""
+    share = args.canary_share
+    server, auth = _deployable(args, "fastserve-canary")
+    bodies = write_bodies(args.work / "bodies.jsonl")
+    with serving(server, args.work) as proc:
+        _deploy(server, auth, action="candidate", version="v2", canary=share)
+        wait_for_quiet(args.quiet_wait, args.reference_ms)
+        before = _answered(_digits_status(server))
+        result = measure(server, proc, args.connections, args.duration, bodies, args.warmup)
+        after = _answered(_digits_status(server))
+    answered = {version: after[version] - before.get(version, 0) for version in after}
+    total = sum(answered.values())
+    observed = answered.get("v2", 0) / total if total else 0.0
+    # Binomial spread of the candidate's share over `total` independent draws.
+    sigma = math.sqrt(share * (1 - share) / total) if total else 0.0
+    within = abs(observed - share) <= 4.5 * sigma
+    recorder.add(
+        {
+            "kind": "scenario",
+            "scenario": "canary",
+            "configured_share": share,
+            "observed_share": observed,
+            "answered": answered,
+            "within_4_5_sigma": within,
+            **result,
+        }
+    )
+    rows = [
+        ("configured canary share (v2)", f"{share:.3f}"),
+        ("observed share of answers from v2", f"{observed:.4f}"),
+        ("answers v1 / v2", f"{answered.get('v1', 0):,} / {answered.get('v2', 0):,}"),
+        ("within 4.5 binomial sigma", "yes" if within else "NO"),
+        ("RPS (mixed versions)", f"{result['rps']:,.0f}"),
+        ("p99 ms", _ms(result["latency_us"]["p99"])),
+        ("failed", sum(result["non_2xx"].values()) + result["socket_errors"]),
+    ]
+    return f"## 2. Canary, {args.connections} connections\n\n" + table(("figure", "value"), rows)
+
+
+def shadow(args: argparse.Namespace, _body: Path, recorder: Recorder) -> str:
+    """Stable v1 with v2 mirrored: counts, disagreement, and stable's throughput without and with it.
+
+    Both runs are in one server process, on 500 different digits rows sent in turn, so the
+    two versions really disagree on some. The candidate predicts on the server's core too:
+    what mirroring costs stable is the candidate's compute, and the table shows it.
+    """
+    server, auth = _deployable(args, "fastserve-shadow")
+    bodies = write_bodies(args.work / "bodies.jsonl")
+    runs = {}
+    with serving(server, args.work) as proc:
+        for label, mirrored in (("off", False), ("on", True)):
+            _deploy(server, auth, action="candidate", version="v2", shadow=mirrored)
+            wait_for_quiet(args.quiet_wait, args.reference_ms)
+            result = measure(server, proc, args.connections, args.duration, bodies, args.warmup)
+            runs[label] = recorder.add({"kind": "scenario", "scenario": "shadow", "shadow": label, **result})
+        digits = _digits_status(server)
+    outcomes = {k: int(v) for k, v in digits["shadow_outcomes"].get("v2", {}).items()}
+    mirrored_total = sum(outcomes.values())
+    compared = outcomes.get("agree", 0) + outcomes.get("disagree", 0)
+    disagreement = outcomes.get("disagree", 0) / compared if compared else None
+    recorder.add(
+        {"kind": "scenario", "scenario": "shadow", "outcomes": outcomes, "disagreement": disagreement}
+    )
+    off, on = runs["off"], runs["on"]
+    rows = [
+        (
+            "stable RPS, shadow off / on",
+            f"{off['rps']:,.0f} / {on['rps']:,.0f} ({on['rps'] / off['rps']:.2f}×)",
+        ),
+        (
+            "stable p99 ms, shadow off / on",
+            f"{_ms(off['latency_us']['p99'])} / {_ms(on['latency_us']['p99'])}",
+        ),
+        ("failed (user requests)", sum(on["non_2xx"].values()) + on["socket_errors"]),
+        ("mirrored requests (compared + dropped + errors)", f"{mirrored_total:,}"),
+        ("agree / disagree", f"{outcomes.get('agree', 0):,} / {outcomes.get('disagree', 0):,}"),
+        ("disagreement rate", f"{disagreement:.3f}" if disagreement is not None else None),
+        (
+            "dropped (candidate queue had no room) / candidate errors",
+            f"{outcomes.get('dropped', 0):,} / {outcomes.get('error', 0):,}",
+        ),
+    ]
+    return f"## 3. Shadow, {args.connections} connections\n\n" + table(("figure", "value"), rows)
 
 
 def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
@@ -178,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quiet-wait", type=float, default=30, help="max seconds to wait for a quiet machine"
     )
     parser.add_argument("--target", choices=TARGETS, default="fastserve")
-    parser.add_argument("--scenarios", default="batching,overload", help="which measured scenarios to run")
+    parser.add_argument("--canary-share", type=float, default=0.2)
+    parser.add_argument(
+        "--scenarios",
+        default="batching,canary,shadow,overload",
+        help="which scenarios to run, comma-separated",
+    )
     parser.add_argument("--smoke", action="store_true", help="CI: 2 s runs, no warm-up")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -203,8 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     args.reference_ms = calibrate()
 
     chosen = args.scenarios.split(",")
-    for name, scenario in (("batching", batching), ("overload", overload)):
+    for name, scenario in (
+        ("batching", batching),
+        ("canary", canary),
+        ("shadow", shadow),
+        ("overload", overload),
+    ):
         if name not in chosen:
+            continue
+        if name in ("canary", "shadow") and args.target != "fastserve":
+            recorder.add({"kind": "skipped", "scenario": name, "reason": FASTSERVE_ONLY})
+            report.append(f"## {name}: {FASTSERVE_ONLY}\n")
             continue
         print(f"\n{name} ...", flush=True)
         try:
@@ -213,10 +346,6 @@ def main(argv: list[str] | None = None) -> int:
             recorder.add({"kind": "error", "scenario": name, "error": str(exc)})
             report.append(f"## {name}: FAILED\n\n{exc}\n")
         print(report[-1], flush=True)
-    for number, name in ((2, "canary"), (3, "shadow")):
-        recorder.add({"kind": "scenario", "scenario": name, "result": NEEDS_DEPLOYMENT})
-        report.append(f"## {number}. {name.capitalize()}: {NEEDS_DEPLOYMENT}\n")
-        print(report[-1])
 
     (args.out / f"run-{stamp}.md").write_text("\n".join(report) + "\n")
     print(f"JSON lines: {recorder.path}\nTable: {args.out / f'run-{stamp}.md'}")

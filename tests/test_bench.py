@@ -63,5 +63,11 @@ def test_mechanism_scenarios_run_and_lose_nothing(tmp_path: Path) -> None:
     scenarios = [r for r in records if r["kind"] == "scenario"]
     batching = {r["batching"]: r for r in scenarios if r["scenario"] == "batching"}
     assert batching["on"]["max_batch_rows"] == 64 and batching["off"]["mean_batch_rows"] == 1.0
+    (canary,) = [r for r in scenarios if r["scenario"] == "canary"]
+    assert canary["answered"]["v2"] > 0 and canary["within_4_5_sigma"], canary
+    shadow = {r.get("shadow"): r for r in scenarios if r["scenario"] == "shadow"}
+    assert shadow["on"]["ok"] > 0 and shadow["off"]["ok"] > 0
+    outcomes = shadow[None]["outcomes"]
+    assert outcomes["agree"] > 0 and outcomes["disagree"] > 0, outcomes
     (overload,) = [r for r in scenarios if r["scenario"] == "overload"]
     assert overload["shed"] > 0 and overload["accepted"] > 0 and overload["lost"] == 0

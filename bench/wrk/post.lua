@@ -1,6 +1,7 @@
 -- POST one JSON body on every request and report a JSON line the harness parses.
 --
 --   WRK_BODY_FILE=body.json wrk -t1 -c64 -d10s --latency -s bench/wrk/post.lua URL
+--   WRK_BODY_FILE=rows.jsonl ...     (several lines: one body per line, taken in turn)
 --   wrk ... -s bench/wrk/post.lua URL -- body.json        (or the path as a script argument)
 --   WRK_BODY='{"features": [...]}' wrk ...                 (or the body itself)
 --
@@ -25,9 +26,22 @@ function init(args)
    end
    assert(body, "set WRK_BODY_FILE or WRK_BODY, or pass the body file after --")
    wrk.method = "POST"
-   wrk.body = body
    wrk.headers["Content-Type"] = "application/json"
    statuses = {}
+   local requests = {}
+   for line in body:gmatch("[^\n]+") do
+      table.insert(requests, wrk.format(nil, nil, nil, line))
+   end
+   if #requests > 1 then
+      -- Defined only here: with one body wrk sends it without calling into Lua at all.
+      local i = 0
+      request = function()
+         i = i % #requests + 1
+         return requests[i]
+      end
+   else
+      wrk.body = body
+   end
 end
 
 function response(status, headers, body)
