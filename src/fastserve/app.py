@@ -108,7 +108,9 @@ class Server:
             stables = {name: entry.stable for name, entry in models.items() if entry.stable is not None}
             await asyncio.to_thread(store.seed, stables, f"server pid {os.getpid()}")
         except Exception as exc:
-            self.phase, self.problem = "failed", f"loading the repository failed: {exc}"
+            # The problem reaches /readyz and every predict: an OSError's text would name a path.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.phase, self.problem = "failed", f"loading the repository failed: {reason}"
             logger.error("%s", self.problem)
             return
         loop = asyncio.get_running_loop()
