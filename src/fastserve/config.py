@@ -76,6 +76,13 @@ class DeploySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics at GET /metrics (off: the bench measures what they cost)."""
+
+    metrics: bool = True
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a fastserve process needs, grouped by concern."""
 
@@ -84,6 +91,7 @@ class Settings:
     batching: BatchSettings = field(default_factory=BatchSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +105,7 @@ _GROUPS: dict[str, type[Any]] = {
     "batching": BatchSettings,
     "limits": LimitSettings,
     "deploy": DeploySettings,
+    "metrics": MetricsSettings,
 }
 
 _T = TypeVar("_T")

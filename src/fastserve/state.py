@@ -311,6 +311,12 @@ class DeploymentStore:
             for at, model, action, source, target, actor, detail in rows
         ]
 
+    def action_counts(self) -> dict[tuple[str, str], int]:
+        """How many times each action was taken on each model: (model, action) -> count."""
+        query = "SELECT model, action, COUNT(*) FROM audit GROUP BY model, action"
+        rows = self._conn.execute(query).fetchall()
+        return {(model, action): n for model, action, n in rows}
+
     def changed(self) -> bool:
         """Whether another connection committed since the last call (cheap: no table is read)."""
         version: int = self._conn.execute("PRAGMA data_version").fetchone()[0]

@@ -1,0 +1,245 @@
+"""Metrics: the tallies and their flush, multiprocess aggregation, and /metrics on real Granian workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter, defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastserve.metrics import DURATION_BUCKETS, ROW_BUCKETS, Metrics, _Buckets, multiprocess_dir
+
+# -- helpers ---------------------------------------------------------------------------------
+
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def samples(text: str) -> dict[Sample, float]:
+    """Every sample of an exposition: (name, sorted labels) -> value."""
+    out: dict[Sample, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):  # per process only, and a time: not compared
+                continue
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in out, f"duplicate sample {key}"
+            out[key] = sample.value
+    return out
+
+
+def values_of(
+    scrape: dict[Sample, float], name: str, **match: str
+) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        labels: value
+        for (sample, labels), value in scrape.items()
+        if sample == name and all(dict(labels).get(k) == v for k, v in match.items())
+    }
+
+
+def total(scrape: dict[Sample, float], name: str, **match: str) -> float:
+    return sum(values_of(scrape, name, **match).values())
+
+
+def assert_histograms_consistent(scrape: dict[Sample, float], name: str) -> None:
+    """Buckets rise with ``le``, and the +Inf bucket is the ``_count``."""
+    series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = defaultdict(list)
+    for labels, value in values_of(scrape, name + "_bucket").items():
+        rest = tuple((k, v) for k, v in labels if k != "le")
+        series[rest].append((float(dict(labels)["le"]), value))
+    for rest, buckets in series.items():
+        counts = [value for _, value in sorted(buckets)]
+        assert counts == sorted(counts), (name, rest, buckets)
+        assert counts[-1] == scrape[(name + "_count", rest)], (name, rest)
+
+
+@pytest.fixture
+def per_process() -> None:
+    if multiprocess_dir() is not None:
+        pytest.skip("PROMETHEUS_MULTIPROC_DIR was set when prometheus_client was imported")
+
+
+# -- unit: tallies ---------------------------------------------------------------------------
+
+
+def test_a_flushed_tally_equals_observing_one_at_a_time() -> None:
+    # The flush writes into prometheus_client's private bucket values: this catches a change there.
+    observed = [0.0, 0.0005, 0.0006, 0.003, 0.1, 0.1000001, 9.9, 10.0, 10.5, 1e6]
+    one, bulk = CollectorRegistry(), CollectorRegistry()
+    direct = Histogram("h_seconds", "h", ["m"], buckets=DURATION_BUCKETS, registry=one)
+    flushed = Histogram("h_seconds", "h", ["m"], buckets=DURATION_BUCKETS, registry=bulk)
+    tally = _Buckets(DURATION_BUCKETS)
+    for value in observed:
+        direct.labels("a").observe(value)
+        tally.observe(value)
+    tally.flush_into(flushed.labels("a"))
+    assert tally.counts == [0.0] * (len(DURATION_BUCKETS) + 2)
+    assert samples(generate_latest(bulk).decode()) == samples(generate_latest(one).decode())
+    tally.flush_into(flushed.labels("a"))  # nothing pending: nothing added
+    assert samples(generate_latest(bulk).decode()) == samples(generate_latest(one).decode())
+
+
+def test_buckets_span_half_a_millisecond_to_ten_seconds_and_one_to_1024_rows() -> None:
+    assert DURATION_BUCKETS[0] == 0.0005 and DURATION_BUCKETS[-1] == 10.0
+    assert list(DURATION_BUCKETS) == sorted(DURATION_BUCKETS)
+    assert ROW_BUCKETS == tuple(float(2**i) for i in range(11))
+
+
+class _Queue:
+    queued_rows = 0
+
+
+def _router(
+    routed: dict[str, Counter[tuple[str, str]]], outcomes: dict[str, Counter[tuple[str, str]]]
+) -> Any:
+    return SimpleNamespace(routed=routed, shadow=SimpleNamespace(outcomes=outcomes))
+
+
+def test_requests_sheds_and_durations_by_code(per_process: None) -> None:
+    metrics = Metrics()
+    meter = metrics.meter("m", "v1", _Queue())
+    for _ in range(3):
+        meter.answered(0.002)
+    metrics.refused("m", "v1", 429)
+    metrics.refused("m", "v1", 504)
+    metrics.refused("m", "", 404)
+    metrics.refused("m", "v1", 422)
+    text = metrics.render([], {}).decode()
+    assert text.startswith(
+        f"# fastserve: PROMETHEUS_MULTIPROC_DIR is not set: metrics of process {os.getpid()}"
+    )
+    scrape = samples(text)
+    codes = {dict(labels)["code"]: v for labels, v in values_of(scrape, "fastserve_requests_total").items()}
+    assert codes == {"200": 3, "429": 1, "504": 1, "404": 1, "422": 1}
+    assert values_of(scrape, "fastserve_requests_total", code="404") == {
+        (("code", "404"), ("model", "m"), ("version", "")): 1.0
+    }
+    assert values_of(scrape, "fastserve_shed_total") == {
+        (("model", "m"), ("reason", "queue_full")): 1.0,
+        (("model", "m"), ("reason", "queue_timeout")): 1.0,
+    }
+    # Only successful answers are request latencies: fast refusals would hide slow predictions.
+    assert total(scrape, "fastserve_request_duration_seconds_count") == 3
+    assert total(scrape, "fastserve_request_duration_seconds_bucket", le="0.0025") == 3
+    assert total(scrape, "fastserve_request_duration_seconds_bucket", le="0.001") == 0
+    assert_histograms_consistent(scrape, "fastserve_request_duration_seconds")
+    # A second render adds nothing that was already flushed.
+    assert (
+        samples(metrics.render([], {}).decode())[
+            ("fastserve_requests_total", (("code", "200"), ("model", "m"), ("version", "v1")))
+        ]
+        == 3
+    )
+
+
+def test_batch_meter_records_waits_rows_and_predict_time(per_process: None) -> None:
+    metrics = Metrics()
+    queue = _Queue()
+    meter = metrics.meter("m", "v1", queue)
+    meter.enqueued.extend([1_000_000, 2_000_000, 3_000_000, 4_000_000])
+    # The two oldest expired (504, not a wait); the next two waited 8 ms and 7 ms.
+    meter.drained(2, 2, 11_000_000)
+    assert list(meter.enqueued) == []
+    meter.predicted(2, 0.004)
+    meter.predicted(64, 0.02)
+    queue.queued_rows = 7
+    scrape = samples(metrics.render([], {}).decode())
+    assert total(scrape, "fastserve_queue_wait_seconds_count") == 2
+    assert total(scrape, "fastserve_queue_wait_seconds_sum") == pytest.approx(0.015)
+    assert total(scrape, "fastserve_queue_wait_seconds_bucket", le="0.005") == 0
+    assert total(scrape, "fastserve_queue_wait_seconds_bucket", le="0.01") == 2
+    assert total(scrape, "fastserve_batch_rows_bucket", le="2.0") == 1
+    assert total(scrape, "fastserve_batch_rows_bucket", le="64.0") == 2
+    assert total(scrape, "fastserve_predict_duration_seconds_sum") == pytest.approx(0.024)
+    assert total(scrape, "fastserve_queue_depth_rows", model="m", version="v1") == 7
+    for name in ("queue_wait_seconds", "batch_rows", "predict_duration_seconds"):
+        assert_histograms_consistent(scrape, "fastserve_" + name)
+
+
+def test_routed_and_shadow_counts_are_flushed_as_deltas(per_process: None) -> None:
+    routed: dict[str, Counter[tuple[str, str]]] = {"m": Counter({("v1", "stable"): 5})}
+    outcomes: dict[str, Counter[tuple[str, str]]] = {"m": Counter({("v2", "agree"): 2})}
+    metrics = Metrics()
+    metrics.follow(_router(routed, outcomes))
+    metrics.flush()
+    routed["m"]["v1", "stable"] += 3
+    routed["m"]["v2", "candidate"] += 1
+    outcomes["m"]["v2", "disagree"] += 1
+    metrics.flush()
+    metrics.flush()
+    scrape = samples(metrics.render([], {}).decode())
+    assert values_of(scrape, "fastserve_routed_total") == {
+        (("model", "m"), ("role", "stable"), ("version", "v1")): 8.0,
+        (("model", "m"), ("role", "candidate"), ("version", "v2")): 1.0,
+    }
+    assert values_of(scrape, "fastserve_shadow_total") == {
+        (("model", "m"), ("outcome", "agree"), ("version", "v2")): 2.0,
+        (("model", "m"), ("outcome", "disagree"), ("version", "v2")): 1.0,
+    }
+
+
+def test_model_info_and_deploy_actions_come_from_the_state(per_process: None) -> None:
+    info = [("m", "v1", "stable", False), ("m", "v2", "stable", True), ("m", "v1", "candidate", False)]
+    scrape = samples(Metrics().render(info, {("m", "promote"): 2, ("m", "candidate"): 3}).decode())
+    assert values_of(scrape, "fastserve_model_info") == {
+        (("alias", "stable"), ("model", "m"), ("version", "v1")): 0.0,
+        (("alias", "stable"), ("model", "m"), ("version", "v2")): 1.0,
+        (("alias", "candidate"), ("model", "m"), ("version", "v1")): 0.0,
+    }
+    assert values_of(scrape, "fastserve_deploy_actions_total") == {
+        (("action", "promote"), ("model", "m")): 2.0,
+        (("action", "candidate"), ("model", "m")): 3.0,
+    }
+
+
+# -- unit: across processes ------------------------------------------------------------------
+
+_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from fastserve.metrics import Metrics
+    metrics = Metrics()
+    queue = type("Q", (), {"queued_rows": int(sys.argv[2])})()
+    meter = metrics.meter("m", "v1", queue)
+    for _ in range(int(sys.argv[1])):
+        meter.answered(0.003)
+    if sys.argv[3] == "stop":
+        metrics.stop()      # a normal shutdown
+    else:
+        metrics.flush()
+        os._exit(0)         # killed: no shutdown ran
+    """
+)
+_SCRAPE = "from fastserve.metrics import Metrics\nprint(Metrics().render([], {}).decode())"
+
+
+def _python(code: str, *args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_values_add_up_across_processes_and_outlive_them(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    _python(_WORKER, "5", "3", "stop", env=env)
+    _python(_WORKER, "7", "4", "kill", env=env)
+    text = _python(_SCRAPE, env=env)
+    assert not text.startswith("# fastserve: PROMETHEUS_MULTIPROC_DIR is not set")
+    scrape = samples(text)
+    # Counters and histograms of finished processes stay in the totals...
+    assert total(scrape, "fastserve_requests_total") == 12
+    assert total(scrape, "fastserve_request_duration_seconds_count") == 12
+    assert_histograms_consistent(scrape, "fastserve_request_duration_seconds")
+    # ...their live gauges do not: the stopped one removed its own, the killed one's was reaped.
+    assert total(scrape, "fastserve_queue_depth_rows") == 0
+    assert not list(tmp_path.glob("gauge_live*"))
