@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastserve.config import MetricsSettings, Settings
 from fastserve.metrics import DURATION_BUCKETS, ROW_BUCKETS, Metrics, _Buckets, multiprocess_dir
+
+from conftest import RunningServer, write_joblib_model
+from fake_models import SleepyModel
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -200,6 +210,15 @@ def test_model_info_and_deploy_actions_come_from_the_state(per_process: None) ->
     }
 
 
+def test_metrics_can_be_turned_off() -> None:
+    from fastserve.app import Server
+
+    server = Server(Settings(metrics=MetricsSettings(metrics=False)))
+    assert server.metrics is None
+    assert server.render_metrics().startswith(b"# fastserve: metrics are off")
+    assert Server(Settings()).metrics is not None
+
+
 # -- unit: across processes ------------------------------------------------------------------
 
 _WORKER = textwrap.dedent(
@@ -243,3 +262,173 @@ def test_values_add_up_across_processes_and_outlive_them(tmp_path: Path) -> None
     # ...their live gauges do not: the stopped one removed its own, the killed one's was reaped.
     assert total(scrape, "fastserve_queue_depth_rows") == 0
     assert not list(tmp_path.glob("gauge_live*"))
+
+
+# -- end to end: two Granian workers ---------------------------------------------------------
+
+WORKERS = 2
+# Each worker flushes its tallies every 100 ms: a scrape answered by the other worker is late by at most that.
+SETTLE_S = 0.5
+
+
+def metrics_repo(repo: Path) -> Path:
+    """``slow``: one request in predict at a time and two queued per worker, then 429.
+    ``echo``: fast, four features."""
+    slow_toml = (
+        'stable = "v1"\n[batching]\nmax_batch_rows = 1\nmax_queue_depth = 2\nqueue_timeout_ms = 30000\n'
+    )
+    write_joblib_model(repo, "slow", "v1", SleepyModel(4, delay_s=0.3), toml=slow_toml)
+    write_joblib_model(repo, "echo", "v1", SleepyModel(4, delay_s=0.0), toml='stable = "v1"\n')
+    return repo
+
+
+def scrape(server: RunningServer) -> tuple[str, dict[Sample, float]]:
+    response = httpx.get(server.url + "/metrics", timeout=10)  # a fresh connection: either worker
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return response.text, samples(response.text)
+
+
+def post(server: RunningServer, path: str, content: bytes) -> httpx.Response:
+    return httpx.post(
+        server.url + path, content=content, headers={"content-type": "application/json"}, timeout=60
+    )
+
+
+def send_mix(server: RunningServer) -> Counter[tuple[str, str, str]]:
+    """A known mix of answers: (model, version, code) for every request to a known model."""
+    good = b'{"features": [1, 2, 3, 4]}'
+    expected: Counter[tuple[str, str, str]] = Counter()
+    with ThreadPoolExecutor(24) as pool:
+        burst = list(pool.map(lambda _: post(server, "/predict/slow", good), range(24)))
+        fast = list(pool.map(lambda _: post(server, "/predict/echo", good), range(40)))
+    for model, responses in (("slow", burst), ("echo", fast)):
+        for response in responses:
+            expected[model, "v1", str(response.status_code)] += 1
+    codes = Counter(r.status_code for r in burst)
+    assert codes[429] >= 1 and codes[200] >= 1, codes
+    assert {r.status_code for r in fast} == {200}
+    for content, code in ((b'{"features": [1, 2, 3]}', 422), (b"not json", 400), (b'{"rows": 1}', 400)):
+        assert post(server, "/predict/echo", content).status_code == code
+        expected["echo", "v1", str(code)] += 1
+    assert post(server, "/predict/echo/versions/v9", good).status_code == 404  # before a version is chosen
+    expected["echo", "", "404"] += 1
+    # Nothing below may leave a series.
+    assert post(server, "/predict/nope", good).status_code == 404
+    assert post(server, "/predict/nope/versions/v1", good).status_code == 404
+    assert post(server, "/predict/echo/bogus/path", good).status_code == 404
+    assert httpx.get(server.url + "/random/path", timeout=5).status_code == 404
+    return expected
+
+
+def check_scrape(scraped: dict[Sample, float], expected: Counter[tuple[str, str, str]]) -> None:
+    requests = {
+        (dict(labels)["model"], dict(labels)["version"], dict(labels)["code"]): value
+        for labels, value in values_of(scraped, "fastserve_requests_total").items()
+    }
+    assert requests == expected
+    models = {dict(labels).get("model") for _, labels in scraped}
+    assert models <= {None, "slow", "echo"}, models
+    assert {dict(labels).get("version") for _, labels in scraped} <= {None, "", "v1"}
+    for model in ("slow", "echo"):
+        ok = expected[model, "v1", "200"]
+        assert total(scraped, "fastserve_request_duration_seconds_count", model=model) == ok
+        assert total(scraped, "fastserve_queue_wait_seconds_count", model=model) == ok
+        assert total(scraped, "fastserve_batch_rows_sum", model=model) == ok  # one row per request
+        assert total(scraped, "fastserve_predict_duration_seconds_count", model=model) == total(
+            scraped, "fastserve_batch_rows_count", model=model
+        )
+    assert (
+        total(scraped, "fastserve_shed_total", model="slow", reason="queue_full")
+        == expected["slow", "v1", "429"]
+    )
+    assert total(scraped, "fastserve_routed_total", model="slow", role="stable") == sum(
+        n for (model, _, _), n in expected.items() if model == "slow"
+    )
+    for name in ("request_duration_seconds", "queue_wait_seconds", "predict_duration_seconds", "batch_rows"):
+        assert_histograms_consistent(scraped, "fastserve_" + name)
+    assert total(scraped, "fastserve_model_info", model="slow", version="v1", alias="stable") == 1
+
+
+def assert_counters_never_fall(scrapes: Iterable[dict[Sample, float]]) -> None:
+    seen: dict[Sample, float] = {}
+    for scraped in scrapes:
+        for key, value in scraped.items():
+            name = key[0]
+            if name.endswith(("_total", "_count", "_sum", "_bucket")):
+                assert value >= seen.get(key, 0.0), (key, seen.get(key), value)
+                seen[key] = value
+
+
+def status_of_every_worker(server: RunningServer) -> dict[int, dict[str, Any]]:
+    """/status of each worker process, by pid (fresh connections until each has answered)."""
+    seen: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < WORKERS:
+        assert time.monotonic() < deadline, f"only workers {sorted(seen)} answered"
+        status = httpx.get(server.url + "/status", timeout=5).json()
+        seen[status["pid"]] = status
+    return seen
+
+
+def wait_for_every_worker(server: RunningServer) -> None:
+    deadline = time.monotonic() + 60
+    while not all(status["ready"] for status in status_of_every_worker(server).values()):
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.1)
+
+
+@pytest.mark.e2e
+def test_two_workers_expose_exact_totals_whichever_answers(serve: Any, tmp_path: Path) -> None:
+    server = serve(metrics_repo(tmp_path / "repo"), "--workers", str(WORKERS), trusted_repository=1)
+    wait_for_every_worker(server)
+    expected = send_mix(server)
+    # Both workers answered some of the requests: the exact totals below are sums across them.
+    per_worker = status_of_every_worker(server)
+    assert all(s["models"]["echo"]["versions"]["v1"]["requests"] > 0 for s in per_worker.values()), per_worker
+    time.sleep(SETTLE_S)
+    scrapes = []
+    for _ in range(8):
+        _, scraped = scrape(server)
+        check_scrape(scraped, expected)
+        scrapes.append(scraped)
+    assert_counters_never_fall(scrapes)
+
+    # A worker killed outright is respawned by Granian, and its counts stay in the totals.
+    victim = min(status_of_every_worker(server))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        pids = set(status_of_every_worker(server))
+        if victim not in pids and len(pids) == WORKERS:
+            break
+        assert time.monotonic() < deadline, f"no worker replaced {victim}: {server.output()}"
+        time.sleep(0.2)
+    wait_for_every_worker(server)
+    for _ in range(6):
+        _, scraped = scrape(server)
+        check_scrape(scraped, expected)
+        scrapes.append(scraped)
+    more = Counter({("echo", "v1", "200"): 10})
+    for _ in range(10):
+        assert post(server, "/predict/echo", b'{"features": [0, 0, 0, 0]}').status_code == 200
+    time.sleep(SETTLE_S)
+    for _ in range(6):
+        _, scraped = scrape(server)
+        check_scrape(scraped, expected + more)
+        scrapes.append(scraped)
+    assert_counters_never_fall(scrapes)
+
+
+@pytest.mark.e2e
+def test_the_exposition_passes_promtool(serve: Any, tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    server = serve(metrics_repo(tmp_path / "repo"), trusted_repository=1)
+    send_mix(server)
+    time.sleep(SETTLE_S)
+    text, _ = scrape(server)
+    assert "fastserve_request_duration_seconds_bucket" in text
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

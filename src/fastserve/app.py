@@ -50,10 +50,11 @@ from fastserve.errors import (
     UnknownModel,
     UnknownRoute,
 )
+from fastserve.metrics import ALIASES, CONTENT_TYPE, Metrics
 from fastserve.queue import COMPILED
 from fastserve.registry import ModelEntry, Registry
 from fastserve.router import Router
-from fastserve.state import Action, Deployment, DeploymentStore, decode_action, state_path
+from fastserve.state import ACTION_NAMES, Action, Deployment, DeploymentStore, decode_action, state_path
 
 logger = logging.getLogger("fastserve")
 
@@ -79,6 +80,9 @@ class Server:
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self.encoders: dict[tuple[str, str], PredictionEncoder] = {}
         self.router = Router(self.batchers)
+        self.metrics = Metrics() if settings.metrics.metrics else None
+        if self.metrics is not None:
+            self.metrics.follow(self.router)
         self.store: DeploymentStore | None = None
         self.phase = "loading"  # loading -> serving | failed -> draining
         self.problem = "models are loading"
@@ -119,13 +123,15 @@ class Server:
                 predict = loaded.estimator.predict
                 key = (entry.name, version)
                 self.batchers[key] = Batcher(
-                    entry.name, version, predict, loaded.n_features, entry.batching, loop
+                    entry.name, version, predict, loaded.n_features, entry.batching, loop, self.metrics
                 )
                 self.encoders[key] = PredictionEncoder(entry.name, version)
         self.models = models
         self.store = store
         self._refresh_routes()
         self._poller = loop.call_later(_STATE_POLL_S, self._poll)
+        if self.metrics is not None:
+            self.metrics.start(loop)
         self.phase, self.problem = "serving", ""
         broken = self.router.unservable()
         if broken:
@@ -156,6 +162,8 @@ class Server:
         if self._poller is not None:
             self._poller.cancel()
         await asyncio.gather(*(b.drain_and_stop(_DRAIN_TIMEOUT_S) for b in self.batchers.values()))
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.store is not None:
             self.store.close()
 
@@ -180,6 +188,22 @@ class Server:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._admin_token):
             raise Unauthorized("a valid `Authorization: Bearer <admin token>` header is required")
+
+    def render_metrics(self) -> bytes:
+        """The Prometheus exposition; ``model_info`` and the action counts come from the shared state."""
+        if self.metrics is None:
+            return b"# fastserve: metrics are off (FASTSERVE_METRICS=0)\n"
+        info = []
+        for name, entry in self.models.items():
+            route = self.router.routes.get(name)
+            deployment = route.deployment if route is not None else None
+            for version in entry.versions:
+                for alias in ALIASES:
+                    current = deployment is not None and getattr(deployment, alias) == version
+                    info.append((name, version, alias, current))
+        actions = self.store.action_counts() if self.store is not None else {}
+        known = {(model, action) for model in self.models for action in ACTION_NAMES}
+        return self.metrics.render(info, {key: n for key, n in actions.items() if key in known})
 
     async def act(self, model: str, action: Action, actor: str) -> Deployment:
         """Apply a deployment action for every worker; this one follows it at once."""
@@ -209,6 +233,7 @@ class PredictEndpoint:
         self._bodies = _BodyDeadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         content_type = accept = request_id = routing_key = None
         content_length = -1
         for name, value in scope["headers"]:
@@ -227,6 +252,7 @@ class PredictEndpoint:
 
         out_format = WireFormat.JSON
         params = scope["path_params"]
+        chosen = ""  # the version that answers, once routing has chosen it
         try:
             in_format = codec.request_format(content_type)
             out_format = codec.response_format(accept, in_format)
@@ -237,6 +263,7 @@ class PredictEndpoint:
                 batcher, mirror = server.router.route(params["model"], routing_key)
             else:
                 batcher, mirror = server.router.pinned(params["model"], version), None
+            chosen = batcher.version
             batcher.check_room()
             limits = server.models[batcher.model].limits
             body = await self._bodies.read(
@@ -254,6 +281,7 @@ class PredictEndpoint:
             payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
         except FastServeError as error:
             await _send_error(send, error, out_format, request_id)
+            self._refused(params["model"], chosen, error.status)
             return
         except _ClientGone:
             return
@@ -262,6 +290,7 @@ class PredictEndpoint:
             # here must still give the client one clean answer and leave a traceback in the log.
             logger.exception("unhandled error in predict")
             await _send_error(send, FastServeError("internal error"), out_format, request_id)
+            self._refused(params["model"], chosen, 500)
             return
         await send(
             {
@@ -275,6 +304,14 @@ class PredictEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+        if batcher.meter is not None:
+            batcher.meter.answered(time.perf_counter() - started)
+
+    def _refused(self, model: str, version: str, code: int) -> None:
+        # Labels come from the repository: a request for an unknown model leaves no series.
+        metrics = self.server.metrics
+        if metrics is not None and model in self.server.models:
+            metrics.refused(model, version, code)
 
 
 class _BodyDeadlines:
@@ -404,6 +441,10 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
     async def status(_request: Request) -> Response:
         return JSONResponse(_status(server))
 
+    async def metrics(_request: Request) -> Response:
+        # Open, like /status: Prometheus scrapes without a token.
+        return Response(server.render_metrics(), headers={"content-type": CONTENT_TYPE})
+
     async def deploy(request: Request) -> Response:
         server.check_admin(request.headers.get("authorization"))
         action = decode_action(await _small_body(request, _MAX_ACTION_BYTES))
@@ -434,6 +475,7 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/status", status),
+            Route("/metrics", metrics),
         ],
         exception_handlers={
             HTTPException: on_http_error,

@@ -22,10 +22,11 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from fastserve.codec import PredictRequest
 from fastserve.config import BatchSettings
 from fastserve.errors import BadFeatures, ModelError, QueueFull, QueueTimeout
 from fastserve.queue import FULL, Batch, RingQueue
+
+if TYPE_CHECKING:
+    from fastserve.metrics import Metrics, VersionMeter
 
 logger = logging.getLogger("fastserve.batcher")
 
@@ -70,6 +74,7 @@ class Batcher:
         n_features: int,
         settings: BatchSettings,
         loop: asyncio.AbstractEventLoop,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -81,6 +86,11 @@ class Batcher:
             timeout_ns=max(1, int(settings.queue_timeout_ms * 1e6)),
         )
         self.stats = BatchStats()
+        self.meter: VersionMeter | None = None
+        self._enqueued: deque[int] | None = None  # commit times, for the queue-wait metric
+        if metrics is not None:
+            self.meter = metrics.meter(model, version, self.queue)
+            self._enqueued = self.meter.enqueued
         self._predict = predict
         self._loop = loop
         self._max_batch_rows = settings.max_batch_rows
@@ -143,6 +153,8 @@ class Batcher:
         future: asyncio.Future[list[Any]] = self._loop.create_future()
         now_ns = time.monotonic_ns()
         queue.commit(slot, future, now_ns)
+        if self._enqueued is not None:
+            self._enqueued.append(now_ns)
         self._last_commit_s = now_ns / 1e9
         if not self._busy:
             self._schedule()
@@ -201,10 +213,13 @@ class Batcher:
             self._timer = None
         queue = self.queue
         while True:
-            batch = queue.drain(time.monotonic_ns())
+            now_ns = time.monotonic_ns()
+            batch = queue.drain(now_ns)
             if batch is None:
                 self._notify_idle()
                 return
+            if self.meter is not None:
+                self.meter.drained(len(batch.expired), len(batch.waiters), now_ns)
             if batch.expired:
                 self._expire(batch.expired)  # type: ignore[arg-type]
             if batch.n_rows:
@@ -249,6 +264,8 @@ class Batcher:
         stats.rows += batch.n_rows
         stats.requests += len(batch.waiters)
         stats.predict_seconds += elapsed
+        if self.meter is not None:
+            self.meter.predicted(batch.n_rows, elapsed)
         if isinstance(outcome, BaseException):
             stats.errors += len(batch.waiters)
             for future in waiters:

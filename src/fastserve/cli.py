@@ -14,8 +14,10 @@ import copy
 import getpass
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -189,15 +191,27 @@ def _serve(args: argparse.Namespace) -> int:
         f"with {server.workers} worker(s)",
         file=sys.stderr,
     )
-    Granian(
-        "fastserve.app:app",
-        address=server.host,
-        port=server.port,
-        interface=Interfaces.ASGI,
-        workers=server.workers,
-        log_access=False,
-        log_dictconfig=_logging_config(),
-    ).serve()
+    # Each run gets a fresh, private directory for the workers' metric files: files left by
+    # an earlier run would be added to this one's counts.
+    metrics_dir = tempfile.mkdtemp(prefix="fastserve-metrics-") if settings.metrics.metrics else None
+    if metrics_dir is not None:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        Granian(
+            "fastserve.app:app",
+            address=server.host,
+            port=server.port,
+            interface=Interfaces.ASGI,
+            workers=server.workers,
+            # A worker that dies (OOM killer, a crashing model) is replaced; its counts stay
+            # in the metric totals, because its files stay in the directory.
+            respawn_failed_workers=True,
+            log_access=False,
+            log_dictconfig=_logging_config(),
+        ).serve()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
