@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastserve.config import MetricsSettings, Settings
 from fastserve.metrics import DURATION_BUCKETS, ROW_BUCKETS, Metrics, _Buckets, multiprocess_dir
 
-from conftest import RunningServer, write_joblib_model
-from fake_models import SleepyModel
+from conftest import RunningServer, free_port, running, serve_command, server_env, write_joblib_model
+from fake_models import EchoUnless, SleepyModel
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -432,3 +432,63 @@ def test_the_exposition_passes_promtool(serve: Any, tmp_path: Path) -> None:
     assert "fastserve_request_duration_seconds_bucket" in text
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.mark.e2e
+def test_deployments_show_in_routed_shadow_info_and_actions(tmp_path: Path) -> None:
+    repo = metrics_repo(tmp_path / "repo")
+    # echo v2 disagrees with v1 on rows whose first feature is -5.
+    write_joblib_model(repo, "echo", "v2", EchoUnless(4, odd_one_out=-5))
+    env = server_env(
+        repository=repo, trusted_repository=1, admin_token=TOKEN, state_path=tmp_path / "s.sqlite"
+    )
+    port = free_port()
+    with running(serve_command(repo, port, "--workers", str(WORKERS)), env, port, tmp_path) as server:
+        wait_for_every_worker(server)
+
+        def act(**action: object) -> None:
+            auth = {"authorization": f"Bearer {TOKEN}"}
+            response = httpx.post(f"{server.url}/deploy/echo", json=action, headers=auth, timeout=10)
+            assert response.status_code == 200, response.text
+            time.sleep(SETTLE_S)  # every worker follows within 50 ms
+
+        act(action="candidate", version="v2", canary=0.5)
+        versions = Counter(
+            post(server, "/predict/echo", b'{"features": [1, 2, 3, 4]}').headers["x-model-version"]
+            for _ in range(40)
+        )
+        act(action="candidate", version="v2", canary=0.0, shadow=True)
+        for first in [-5] * 6 + [1] * 14:
+            assert post(server, "/predict/echo", b'{"features": [%d, 0, 0, 0]}' % first).status_code == 200
+        cli = [sys.executable, "-m", "fastserve.cli", "deploy", "echo", "promote"]
+        subprocess.run(cli, env=env, capture_output=True, timeout=60, check=True)  # no worker sees it
+        time.sleep(SETTLE_S)
+        for _ in range(4):
+            _, scraped = scrape(server)
+            routed = {
+                (dict(labels)["version"], dict(labels)["role"]): value
+                for labels, value in values_of(scraped, "fastserve_routed_total", model="echo").items()
+            }
+            assert routed == {("v1", "stable"): versions["v1"] + 20, ("v2", "candidate"): versions["v2"]}
+            outcomes = {
+                dict(labels)["outcome"]: value
+                for labels, value in values_of(scraped, "fastserve_shadow_total", model="echo").items()
+            }
+            assert outcomes == {"agree": 14, "disagree": 6}  # sequential: the copies always had room
+            assert values_of(scraped, "fastserve_deploy_actions_total", model="echo") == {
+                (("action", "candidate"), ("model", "echo")): 2.0,
+                (("action", "promote"), ("model", "echo")): 1.0,
+            }
+            info = {
+                (dict(labels)["version"], dict(labels)["alias"]): value
+                for labels, value in values_of(scraped, "fastserve_model_info", model="echo").items()
+            }
+            assert info == {
+                ("v1", "stable"): 0.0,
+                ("v2", "stable"): 1.0,
+                ("v1", "candidate"): 0.0,
+                ("v2", "candidate"): 0.0,
+            }
