@@ -16,10 +16,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import models, servers
+from bench.compute_ceiling import BATCH_SIZES
 from bench.harness import (
     RESULTS_DIR,
     HarnessError,
@@ -56,10 +57,10 @@ SERVERS = ("fastserve", "fastserve-batch256", "fastapi-batcher", "litserve", "ht
 MISSING_FASTSERVE = "the `fastserve` command is not installed (pip install -e .)"
 
 
-def compute_ceiling(model: Path, seconds: float) -> list[Record]:
+def compute_ceiling(model: Path, seconds: float, batch_sizes: Sequence[int] = BATCH_SIZES) -> list[Record]:
     """The compute ceiling in its own process, pinned to the servers' core."""
     argv = pinned(SERVER_CORE, [sys.executable, "-m", "bench.compute_ceiling", str(model)])
-    argv += ["--seconds", str(seconds)]
+    argv += ["--seconds", str(seconds), "--batch-sizes", ",".join(map(str, batch_sizes))]
     env = {**os.environ, **SINGLE_THREAD_ENV}
     timeout = 120 + 30 * seconds
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=True)
@@ -90,6 +91,21 @@ def measure_clean(
     return result
 
 
+def _ceiling_beside(result: Record, args: argparse.Namespace) -> Record:
+    """The compute ceiling at the batch this run achieved, measured right after it.
+
+    This VM's speed drifts by up to 2x within minutes: a ceiling measured once, at the start,
+    can come from another phase than the run it is compared with. The server is idle now
+    (its predict thread waits), so the ceiling has the core to itself.
+    """
+    batch = result.get("mean_batch_rows")
+    if not batch or args.model_path is None:
+        return {}
+    size = max(1, round(batch))
+    (point,) = compute_ceiling(args.model_path, args.ceiling_seconds, [size])
+    return {"ceiling_beside": {"batch_rows": size, "rows_per_s": point["rows_per_s"]}}
+
+
 def run_server(
     server: Server, args: argparse.Namespace, body: Path, log_dir: Path, record: Callable[[Record], Record]
 ) -> list[Record]:
@@ -100,6 +116,7 @@ def run_server(
             sample = check_predict(server, body.read_bytes())
             for connections in args.concurrency:
                 result = measure_clean(server, proc, connections, args, body)
+                result.update(_ceiling_beside(result, args))
                 runs.append(record({"kind": "http", "suite": args.suite, "sample": sample, **result}))
                 lat, batch = result["latency_us"], result["mean_batch_rows"] or "n/a"
                 print(
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nCore-0 calibration just before: {calibration:.0f} ms.\n",
     ]
 
-    args.suite = "rf300"
+    args.suite, args.model_path = "rf300", models.model_path("rf300")
     print("\nRF-300 (digits v1), one JSON row per request:", flush=True)
     runs = []
     for server in _adapters(names, "rf300", work):
@@ -206,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         png = plot(runs, args.out / f"{stamp}.png", f"RF-300, 1 worker on 1 core; {machine['cpu']}")
 
     if not args.no_trivial and {"fastserve", "http-ceiling"} & set(names):
-        args.suite = "logreg"
+        args.suite, args.model_path = "logreg", models.model_path("logreg")
         print("\ntrivial model (LogisticRegression): fastserve against the HTTP ceiling:", flush=True)
         trivial_ceiling = [
             recorder.add({"suite": "logreg", **r})

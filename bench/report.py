@@ -73,7 +73,9 @@ def http_table(runs: Sequence[Record], ceiling: Sequence[Record] | None) -> str:
     """One markdown table per concurrency, fastest first, with the ratio columns.
 
     The compute-ceiling share compares a server's RPS (one row per request) with the
-    ceiling's rows/s at the mean batch size that server achieved in that run.
+    ceiling's rows/s at the mean batch size that server achieved in that run: measured
+    right after the run where the harness did (``ceiling_beside``, same phase of the
+    machine), else interpolated from the ceiling measured at the start.
     """
     out = []
     for connections in sorted({r["connections"] for r in runs}):
@@ -87,7 +89,11 @@ def http_table(runs: Sequence[Record], ceiling: Sequence[Record] | None) -> str:
         )
         for r in rows:
             batch = r.get("mean_batch_rows")
-            compute = rows_per_s_at(ceiling, batch) if ceiling and batch else None
+            beside = r.get("ceiling_beside")
+            if beside:
+                compute = beside["rows_per_s"]
+            else:
+                compute = rows_per_s_at(ceiling, batch) if ceiling and batch else None
             lat = r["latency_us"]
             out.append(
                 f"| {r['server']} | {r['rps']:,.0f} | {_ms(lat['p50'])} | {_ms(lat['p99'])} "

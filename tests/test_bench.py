@@ -51,6 +51,7 @@ def test_compare_runs_every_server_and_both_ceilings(tmp_path: Path) -> None:
         run = runs["rf300", server]
         assert run["ok"] > 0 and run["socket_errors"] == 0, run
     assert runs["rf300", "fastserve"]["mean_batch_rows"] >= 1
+    assert runs["rf300", "fastserve"]["ceiling_beside"]["rows_per_s"] > 0
     assert runs["logreg", "fastserve"]["ok"] > 0
     ceiling = [r for r in records if r["kind"] == "compute_ceiling" and r["suite"] == "rf300"]
     assert [r["batch_rows"] for r in ceiling] == [1, 8, 16, 32, 64, 128, 256]
