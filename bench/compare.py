@@ -53,7 +53,13 @@ from bench.report import (
 
 # fastserve-batch256: the same server with max_batch_rows=256, to show throughput rising
 # with the batch where there are enough requests in flight to fill it (c=256).
-SERVERS = ("fastserve", "fastserve-batch256", "fastapi-batcher", "litserve", "http-ceiling")
+# fastserve-nometrics: the same server with --no-metrics, to show what metrics cost.
+VARIANTS: dict[str, dict[str, object]] = {
+    "fastserve": {},
+    "fastserve-batch256": {"max_batch_rows": 256},
+    "fastserve-nometrics": {"metrics": False},
+}
+SERVERS = (*VARIANTS, "fastapi-batcher", "litserve", "http-ceiling")
 MISSING_FASTSERVE = "the `fastserve` command is not installed (pip install -e .)"
 
 
@@ -144,8 +150,7 @@ def _adapters(names: list[str], model_name: str, work: Path) -> list[Server | st
                 repo = servers.fastserve_demo(models.MODELS_DIR / "demo")
             else:
                 repo = models.repository(model_name)
-            settings = {"max_batch_rows": 256} if name == "fastserve-batch256" else {}
-            chosen.append(servers.fastserve(repo, name, **settings))
+            chosen.append(servers.fastserve(repo, name, **VARIANTS[name]))
         elif name == "fastapi-batcher":
             chosen.append(servers.fastapi_batcher(model))
         elif name == "litserve":
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         # The HTTP ceiling has no model: its RF-300 runs are its trivial-model runs too.
         trivial = [{**r, "suite": "logreg"} for r in runs if r["server"] == "http-ceiling"]
-        for server in _adapters([n for n in names if n == "fastserve"], "logreg", work):
+        trivial_servers = [n for n in names if n in ("fastserve", "fastserve-nometrics")]
+        for server in _adapters(trivial_servers, "logreg", work):
             if isinstance(server, str):
                 print(f"  {server}", flush=True)
                 continue

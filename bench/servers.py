@@ -27,7 +27,8 @@ def fastserve_demo(directory: Path) -> Path:
 
 
 def fastserve(repository: Path, name: str = "fastserve", **settings: object) -> Server:
-    """``fastserve serve``, 1 worker; a setting is a flag: ``max_batch_rows=1`` → ``--max-batch-rows 1``."""
+    """``fastserve serve``, 1 worker; a setting is a flag: ``max_batch_rows=1`` → ``--max-batch-rows 1``,
+    ``metrics=False`` → ``--no-metrics``."""
     port = free_port()
     argv = [fastserve_command() or "fastserve", "serve", "--repository", str(repository)]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
@@ -36,7 +37,11 @@ def fastserve(repository: Path, name: str = "fastserve", **settings: object) -> 
     state = Path(tempfile.mkdtemp(prefix="fastserve-bench-state-")) / "state.sqlite"
     argv += ["--state-path", str(state)]
     for key, value in settings.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            argv += [f"--{flag}", str(value)]
     # Until /metrics lands (issue 5), the batch counts come from /status.
     return Server(name, argv, port, status_path="/status")
 

@@ -47,7 +47,14 @@ def test_compare_runs_every_server_and_both_ceilings(tmp_path: Path) -> None:
     records = _run_bench("bench.compare", tmp_path)
     assert not [r for r in records if r["kind"] in ("error", "skipped")], records
     runs = {(r["suite"], r["server"]): r for r in records if r["kind"] == "http"}
-    for server in ("fastserve", "fastserve-batch256", "fastapi-batcher", "litserve", "http-ceiling"):
+    for server in (
+        "fastserve",
+        "fastserve-batch256",
+        "fastserve-nometrics",
+        "fastapi-batcher",
+        "litserve",
+        "http-ceiling",
+    ):
         run = runs["rf300", server]
         assert run["ok"] > 0 and run["socket_errors"] == 0, run
     assert runs["rf300", "fastserve"]["mean_batch_rows"] >= 1
