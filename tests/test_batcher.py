@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fastserve.batcher import Batcher
+from fastserve.batcher import Batcher, Turns
 from fastserve.codec import PredictRequest
 from fastserve.config import BatchSettings
 from fastserve.errors import BadFeatures, ModelError, QueueFull, QueueTimeout
@@ -246,5 +246,99 @@ def test_stopping_answers_what_is_queued_first() -> None:
         await batcher.drain_and_stop(5)
         assert [f.result() for f in futures] == [[float(i)] for i in range(6)]
         assert not batcher._thread.is_alive()
+
+    run(scenario)
+
+
+class SpinningModel(RecordingModel):
+    """Computes (spins on the CPU) for ``seconds`` per call, or waits that long when told to."""
+
+    def __init__(self, seconds: float, computes: bool = True) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.computes = computes
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if self.computes:
+            deadline = time.thread_time() + self.seconds
+            while time.thread_time() < deadline:
+                pass
+        else:
+            time.sleep(self.seconds)
+        return super().predict(rows)
+
+
+def _two_versions(
+    loop: asyncio.AbstractEventLoop, busy: RecordingModel, other: RecordingModel
+) -> tuple[Batcher, Batcher]:
+    turns = Turns()
+    settings = BatchSettings(max_batch_rows=64, batch_window_ms=1, max_batch_delay_ms=2)
+    first = Batcher("m", "v1", busy.predict, 2, settings, loop, turns=turns)
+    second = Batcher("m", "v2", other.predict, 2, settings, loop, turns=turns)
+    return first, second
+
+
+@pytest.mark.parametrize("computes", [True, False], ids=["computing", "waiting"])
+def test_a_partial_batch_waits_only_for_another_versions_computing_predict(computes: bool) -> None:
+    busy, other = SpinningModel(0.15, computes), RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        first, second = _two_versions(loop, busy, other)
+        await first.admit(row(0))  # one predict teaches first how it spends its time
+        held = first.admit(row(1))
+        await asyncio.sleep(0.02)  # first is in its second predict now
+        trickle = []
+        for i in range(5):
+            trickle.append(second.admit(row(10 + i)))
+            await asyncio.sleep(0.01)
+        assert await asyncio.gather(*trickle) == [[10.0 + i] for i in range(5)]
+        await held
+        if computes:
+            # second gave way while first computed, then took everything at once.
+            assert other.batch_sizes == [5]
+        else:
+            # first only slept: second batched as usual, a request or so at a time.
+            assert len(other.batch_sizes) >= 3
+        await first.drain_and_stop(5)
+        await second.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_a_full_batch_never_waits_its_turn() -> None:
+    busy, other = SpinningModel(0.3), RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        first, second = _two_versions(loop, busy, other)
+        await first.admit(row(0))
+        held = first.admit(row(1))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        answers = await asyncio.gather(*(second.admit(row(i)) for i in range(64)))
+        assert time.monotonic() - started < 0.2  # did not wait out first's 0.3 s predict
+        assert answers == [[float(i)] for i in range(64)] and other.batch_sizes == [64]
+        await held
+        await first.drain_and_stop(5)
+        await second.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_a_predict_that_runs_long_holds_the_others_only_so_long() -> None:
+    busy, other = SpinningModel(0.05), RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        first, second = _two_versions(loop, busy, other)
+        await first.admit(row(0))  # first's usual predict: 50 ms
+        busy.seconds = 1.0  # then one that runs 20 times longer
+        held = first.admit(row(1))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        assert await second.admit(row(7)) == [7.0]
+        # second waited at most about twice first's usual predict, not its whole long one.
+        assert time.monotonic() - started < 0.5
+        await held
+        await first.drain_and_stop(5)
+        await second.drain_and_stop(5)
 
     run(scenario)

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fastserve import codec
-from fastserve.batcher import Batcher
+from fastserve.batcher import Batcher, Turns
 from fastserve.codec import PredictionEncoder, WireFormat
 from fastserve.config import Settings, resolve_repository
 from fastserve.errors import (
@@ -118,12 +118,13 @@ class Server:
             logger.error("%s", self.problem)
             return
         loop = asyncio.get_running_loop()
+        turns = Turns()
         for entry in models.values():
             for version, loaded in entry.versions.items():
                 predict = loaded.estimator.predict
                 key = (entry.name, version)
                 self.batchers[key] = Batcher(
-                    entry.name, version, predict, loaded.n_features, entry.batching, loop, self.metrics
+                    entry.name, version, predict, loaded.n_features, entry.batching, loop, self.metrics, turns
                 )
                 self.encoders[key] = PredictionEncoder(entry.name, version)
         self.models = models
