@@ -126,7 +126,7 @@ class Router:
             if model not in self.routes:
                 raise UnknownModel(f"no model named {model!r}")
             raise UnknownVersion(f"model {model!r} serves no version {version!r}")
-        self.routed[model][version, PINNED] += 1
+        self.routed.setdefault(model, Counter())[version, PINNED] += 1
         return batcher
 
     def unservable(self) -> list[str]:

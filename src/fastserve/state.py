@@ -35,10 +35,14 @@ from fastserve.errors import ConfigError, DeployConflict, MalformedBody, Unknown
 # -- actions ------------------------------------------------------------------------------------
 
 
+# A version name as the repository allows it: an empty one would read as "none" below.
+_Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
 class Candidate(msgspec.Struct, tag="candidate", tag_field="action", forbid_unknown_fields=True):
     """Make ``version`` the candidate: ``canary`` of the traffic goes to it, ``shadow`` mirrors the rest."""
 
-    version: str
+    version: _Version
     canary: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     shadow: bool = False
 
@@ -50,7 +54,7 @@ class Promote(msgspec.Struct, tag="promote", tag_field="action", forbid_unknown_
 class Rollback(msgspec.Struct, tag="rollback", tag_field="action", forbid_unknown_fields=True):
     """Stable goes back to ``version``, or to the previous stable when no version is named."""
 
-    version: str | None = None
+    version: _Version | None = None
 
 
 class ClearCandidate(msgspec.Struct, tag="clear_candidate", tag_field="action", forbid_unknown_fields=True):
@@ -226,7 +230,7 @@ class DeploymentStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(conn)
             conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             # The reason, not the OSError's text: that names the path, and this reaches /status.
@@ -324,6 +328,24 @@ class DeploymentStore:
             return False
         self._data_version = version
         return True
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """WAL mode, waiting out other connections as every other statement does.
+
+    Switching the journal mode does not go through SQLite's busy handler: while another
+    worker holds a lock on a file that is not in WAL mode yet (several workers opening a new
+    state file at once), it fails at once with "database is locked".
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _deployment(row: tuple[Any, ...]) -> Deployment:

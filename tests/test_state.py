@@ -1,0 +1,522 @@
+"""Deployment state: action decoding, the transition rules, and the SQLite store shared by processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastserve import state as state_module
+from fastserve.config import Settings, default_demo_repository
+from fastserve.errors import ConfigError, DeployConflict, MalformedBody, UnknownModel, UnknownVersion
+from fastserve.state import (
+    ACTION_NAMES,
+    Candidate,
+    ClearCandidate,
+    Deployment,
+    DeploymentStore,
+    Promote,
+    Rollback,
+    action_name,
+    decode_action,
+    default_state_path,
+    state_path,
+    transition,
+)
+
+# Every version the tests may deploy, with its feature count; v5 takes a different number.
+SERVABLE: dict[str, int | None] = {"v1": 4, "v2": 4, "v3": 4, "v5": 5}
+
+
+def stable(version: str = "v1", **fields: object) -> Deployment:
+    return Deployment("m", version, **fields)  # type: ignore[arg-type]
+
+
+# -- decode_action ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"action": "candidate", "version": "v2", "canary": 0.25, "shadow": true}',
+            Candidate("v2", 0.25, True),
+        ),
+        (b'{"action": "candidate", "version": "v2"}', Candidate("v2", 0.0, False)),
+        (b'{"action": "candidate", "version": "v2", "canary": 0}', Candidate("v2", 0.0, False)),
+        (b'{"action": "candidate", "version": "v2", "canary": 1}', Candidate("v2", 1.0, False)),
+        (b'{"action": "promote"}', Promote()),
+        (b'{"action": "rollback"}', Rollback(None)),
+        (b'{"action": "rollback", "version": "v1"}', Rollback("v1")),
+        (b'{"action": "clear_candidate"}', ClearCandidate()),
+    ],
+)
+def test_each_action_decodes(body: bytes, expected: object) -> None:
+    action = decode_action(body)
+    assert type(action) is type(expected)
+    assert action == expected
+
+
+def test_action_names_are_the_json_tags() -> None:
+    actions = [Candidate("v2"), Promote(), Rollback(), ClearCandidate()]
+    assert [action_name(a) for a in actions] == list(ACTION_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b'{"action": "deploy"}', r"Invalid value 'deploy' - at `\$.action`"),
+        (b'{"version": "v2"}', r"missing required field `action`"),
+        (b'{"action": "candidate"}', r"missing required field `version`"),
+        (b'{"action": "candidate", "version": "v2", "canary": 1.5}', r"<= 1.0 - at `\$.canary`"),
+        (b'{"action": "candidate", "version": "v2", "canary": -0.1}', r">= 0.0 - at `\$.canary`"),
+        (b'{"action": "promote", "force": true}', r"unknown field `force`"),
+        (b'{"action": "candidate", "version": "v2", "weight": 0.1}', r"unknown field `weight`"),
+        (b"not json", r"JSON is malformed"),
+        (b"", r"truncated"),
+        (b'["promote"]', r"Expected `object`, got `array`"),
+        (b'{"action": "candidate", "version": 2}', r"Expected `str`, got `int` - at `\$.version`"),
+        (b'{"action": "candidate", "version": "v2", "canary": "0.5"}', r"Expected `float`, got `str`"),
+        (b'{"action": "candidate", "version": "v2", "canary": true}', r"Expected `float`, got `bool`"),
+        (b'{"action": "candidate", "version": "v2", "shadow": "yes"}', r"Expected `bool`, got `str`"),
+        (b'{"action": "rollback", "version": 1}', r"Expected `str \| null`, got `int`"),
+        # Empty would read as "no version": a bare rollback the caller did not ask for.
+        (b'{"action": "rollback", "version": ""}', r"length >= 1 - at `\$.version`"),
+        (b'{"action": "candidate", "version": ""}', r"length >= 1 - at `\$.version`"),
+    ],
+)
+def test_malformed_actions_are_refused(body: bytes, match: str) -> None:
+    with pytest.raises(MalformedBody, match=match) as refused:
+        decode_action(body)
+    assert refused.value.code == "malformed_body" and refused.value.status == 400
+    assert str(refused.value).startswith("not a deployment action: ")
+
+
+# -- transition ---------------------------------------------------------------------------------
+
+
+def test_candidate_sets_candidate_canary_and_shadow() -> None:
+    before = stable("v1", previous_stable="v0")
+    after = transition(before, Candidate("v2", canary=0.1, shadow=True), SERVABLE)
+    assert after == Deployment("m", "v1", "v2", 0.1, True, "v0")
+    # Replacing a candidate replaces all three fields, leaving stable alone.
+    again = transition(after, Candidate("v3"), SERVABLE)
+    assert again == Deployment("m", "v1", "v3", 0.0, False, "v0")
+
+
+def test_candidate_equal_to_stable_is_a_conflict() -> None:
+    with pytest.raises(DeployConflict, match="m v1 is already stable"):
+        transition(stable("v1"), Candidate("v1"), SERVABLE)
+
+
+def test_candidate_of_an_unknown_version_is_refused() -> None:
+    with pytest.raises(UnknownVersion, match="model 'm' serves no version 'v9'"):
+        transition(stable("v1"), Candidate("v9"), SERVABLE)
+
+
+def test_candidate_with_another_feature_count_is_a_conflict() -> None:
+    with pytest.raises(DeployConflict, match="m v5 takes 5 features, stable v1 takes 4"):
+        transition(stable("v1"), Candidate("v5"), SERVABLE)
+
+
+@pytest.mark.parametrize(
+    "servable",
+    [
+        {"v1": None, "v5": None},  # the CLI: it cannot know without loading the models
+        {"v1": 4, "v5": None},
+        {"v1": None, "v5": 5},
+    ],
+)
+def test_unknown_feature_counts_skip_the_feature_check(servable: dict[str, int | None]) -> None:
+    after = transition(stable("v1"), Candidate("v5", canary=0.5), servable)
+    assert after.candidate == "v5" and after.canary == 0.5
+
+
+def test_promote_makes_the_candidate_stable_and_keeps_the_old_one() -> None:
+    before = Deployment("m", "v1", "v2", 0.3, True, "v0")
+    after = transition(before, Promote(), SERVABLE)
+    assert after == Deployment("m", "v2", None, 0.0, False, "v1")
+
+
+def test_promote_without_a_candidate_is_a_conflict() -> None:
+    with pytest.raises(DeployConflict, match="m has no candidate to promote"):
+        transition(stable("v1", previous_stable="v0"), Promote(), SERVABLE)
+
+
+def test_promote_of_a_candidate_that_is_no_longer_servable_is_refused() -> None:
+    with pytest.raises(UnknownVersion, match="serves no version 'v2'"):
+        transition(Deployment("m", "v1", "v2", 0.5), Promote(), {"v1": 4})
+
+
+def test_a_bare_rollback_goes_to_the_previous_stable_and_two_toggle_back() -> None:
+    before = Deployment("m", "v2", previous_stable="v1")
+    once = transition(before, Rollback(), SERVABLE)
+    assert once == Deployment("m", "v1", previous_stable="v2")
+    twice = transition(once, Rollback(), SERVABLE)
+    assert twice == before
+
+
+def test_rollback_to_a_named_version() -> None:
+    after = transition(Deployment("m", "v3", previous_stable="v2"), Rollback("v1"), SERVABLE)
+    assert after == Deployment("m", "v1", previous_stable="v3")
+
+
+def test_rollback_to_an_unknown_version_is_refused() -> None:
+    with pytest.raises(UnknownVersion, match="serves no version 'v9'"):
+        transition(Deployment("m", "v2", previous_stable="v1"), Rollback("v9"), SERVABLE)
+
+
+def test_rollback_to_the_current_stable_is_a_conflict() -> None:
+    with pytest.raises(DeployConflict, match="m v2 is already stable"):
+        transition(Deployment("m", "v2", previous_stable="v1"), Rollback("v2"), SERVABLE)
+
+
+def test_rollback_with_no_previous_stable_is_a_conflict() -> None:
+    with pytest.raises(DeployConflict, match="m has no previous stable version to roll back to"):
+        transition(stable("v1"), Rollback(), SERVABLE)
+
+
+def test_rollback_keeps_an_unrelated_candidate() -> None:
+    before = Deployment("m", "v2", "v3", 0.2, True, "v1")
+    after = transition(before, Rollback(), SERVABLE)
+    assert after == Deployment("m", "v1", "v3", 0.2, True, "v2")
+
+
+def test_rollback_to_the_candidate_clears_the_candidate() -> None:
+    before = Deployment("m", "v2", "v3", 0.2, True, "v1")
+    after = transition(before, Rollback("v3"), SERVABLE)
+    assert after == Deployment("m", "v3", None, 0.0, False, "v2")
+
+
+def test_clear_candidate_clears_and_is_idempotent() -> None:
+    before = Deployment("m", "v2", "v3", 0.2, True, "v1")
+    cleared = transition(before, ClearCandidate(), SERVABLE)
+    assert cleared == Deployment("m", "v2", None, 0.0, False, "v1")
+    assert transition(cleared, ClearCandidate(), SERVABLE) == cleared
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stores() -> Iterator[list[DeploymentStore]]:
+    """The stores a test opens, all closed at teardown."""
+    opened: list[DeploymentStore] = []
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def open_store(stores: list[DeploymentStore], path: Path) -> DeploymentStore:
+    store = DeploymentStore(path)
+    stores.append(store)
+    return store
+
+
+@pytest.fixture
+def store(stores: list[DeploymentStore], tmp_path: Path) -> DeploymentStore:
+    """A store on a fresh file, seeded with model m at v1."""
+    seeded = open_store(stores, tmp_path / "state" / "deploy.sqlite")
+    seeded.seed({"m": "v1"}, "seeder")
+    return seeded
+
+
+def test_seed_inserts_each_model_once_and_audits_it_once(
+    stores: list[DeploymentStore], tmp_path: Path
+) -> None:
+    store = open_store(stores, tmp_path / "nested" / "dirs" / "deploy.sqlite")
+    store.seed({"a": "v1", "b": "v7"}, "server pid 1")
+    store.seed({"a": "v2", "b": "v8", "c": "v3"}, "server pid 2")
+    deployments = store.deployments()
+    assert {name: d.stable for name, d in deployments.items()} == {"a": "v1", "b": "v7", "c": "v3"}
+    assert all(d.candidate is None and d.previous_stable is None for d in deployments.values())
+    inits = [(e.model, e.action, e.from_version, e.to_version, e.actor) for e in store.history()]
+    assert sorted(inits) == [
+        ("a", "init", None, "v1", "server pid 1"),
+        ("b", "init", None, "v7", "server pid 1"),
+        ("c", "init", None, "v3", "server pid 2"),
+    ]
+
+
+def test_act_applies_persists_and_returns_the_new_deployment(
+    store: DeploymentStore, stores: list[DeploymentStore], tmp_path: Path
+) -> None:
+    after = store.act("m", Candidate("v2", canary=0.25, shadow=True), SERVABLE, "alice")
+    assert (after.stable, after.candidate, after.canary, after.shadow) == ("v1", "v2", 0.25, True)
+    assert after.updated_at > 0
+    assert store.deployments()["m"] == after
+    # Another store object (another process, in production) reads the same truth.
+    other = open_store(stores, store.path)
+    assert other.deployments() == {"m": after}
+
+
+def test_every_action_is_audited_newest_first(store: DeploymentStore) -> None:
+    store.act("m", Candidate("v2", canary=0.25, shadow=True), SERVABLE, "alice")
+    store.act("m", Promote(), SERVABLE, "bob")
+    store.act("m", Rollback(), SERVABLE, "carol")
+    store.act("m", Candidate("v3"), SERVABLE, "dave")
+    final = store.act("m", ClearCandidate(), SERVABLE, "erin")
+    assert final == Deployment("m", "v1", None, 0.0, False, "v2", final.updated_at)
+    history = store.history()
+    assert [(e.action, e.from_version, e.to_version, e.actor, e.detail) for e in history] == [
+        ("clear_candidate", "v3", None, "erin", {}),
+        ("candidate", None, "v3", "dave", {"canary": 0.0, "shadow": False}),
+        ("rollback", "v2", "v1", "carol", {}),
+        ("promote", "v1", "v2", "bob", {}),
+        ("candidate", None, "v2", "alice", {"canary": 0.25, "shadow": True}),
+        ("init", None, "v1", "seeder", {}),
+    ]
+    assert all(e.model == "m" for e in history)
+    assert [e.at for e in history] == sorted((e.at for e in history), reverse=True)
+    assert history[0].at == final.updated_at
+    assert store.history(limit=2) == history[:2]
+    assert store.history(limit=1)[0].action == "clear_candidate"
+
+
+def test_act_on_an_unknown_model_is_refused(store: DeploymentStore) -> None:
+    with pytest.raises(UnknownModel, match="no model named 'nope'"):
+        store.act("nope", Candidate("v2"), SERVABLE, "alice")
+    assert len(store.history()) == 1
+
+
+@pytest.mark.parametrize(
+    ("action", "error"),
+    [
+        (Promote(), DeployConflict),
+        (Rollback(), DeployConflict),
+        (Candidate("v1"), DeployConflict),
+        (Candidate("v5"), DeployConflict),
+        (Candidate("v9"), UnknownVersion),
+    ],
+)
+def test_a_failing_action_changes_nothing_and_is_not_audited(
+    store: DeploymentStore, action: Candidate | Promote | Rollback, error: type[Exception]
+) -> None:
+    before, history = store.deployments(), store.history()
+    store.changed()
+    with pytest.raises(error):
+        store.act("m", action, SERVABLE, "mallory")
+    assert store.deployments() == before
+    assert store.history() == history
+    assert not store.changed()  # nothing was committed
+    # The failed transaction let go of the write lock: the next action goes through.
+    assert store.act("m", Candidate("v2"), SERVABLE, "alice").candidate == "v2"
+
+
+def test_the_row_and_its_audit_entry_are_written_together(
+    store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before, history = store.deployments(), store.history()
+
+    def broken_audit(conn: sqlite3.Connection, entry: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(state_module, "_audit", broken_audit)
+    with pytest.raises(sqlite3.OperationalError):
+        store.act("m", Candidate("v2"), SERVABLE, "alice")
+    assert store.deployments() == before  # the UPDATE before the audit insert was rolled back
+    assert store.history() == history
+
+
+def test_changed_reports_other_connections_commits_once(
+    store: DeploymentStore, stores: list[DeploymentStore]
+) -> None:
+    assert store.changed()  # the first call: nothing seen yet
+    assert not store.changed()
+    other = open_store(stores, store.path)
+    other.act("m", Candidate("v2"), SERVABLE, "alice")
+    assert store.changed()
+    assert not store.changed()
+    assert store.deployments()["m"].candidate == "v2"
+    other.seed({"m": "v3"}, "late")  # a seed that inserts nothing still commits (empty)
+    store.changed()
+    assert not store.changed()
+    other.seed({"n": "v1"}, "late")
+    assert store.changed()
+    assert set(store.deployments()) == {"m", "n"}
+
+
+def race_promotes(store: DeploymentStore, racers: int) -> list[object]:
+    """``racers`` threads promote at the same moment, each on its own connection; their outcomes."""
+    barrier = threading.Barrier(racers)
+    outcomes: list[object] = [None] * racers
+
+    def promote(i: int) -> None:
+        barrier.wait(timeout=10)
+        try:
+            outcomes[i] = store.act("m", Promote(), SERVABLE, f"racer {i}")
+        except DeployConflict as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=promote, args=(i,)) for i in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return outcomes
+
+
+def test_racing_promotes_in_threads_take_turns(store: DeploymentStore) -> None:
+    racers = 8
+    for round_ in range(5):
+        candidate = "v2" if round_ % 2 == 0 else "v1"
+        store.act("m", Candidate(candidate), SERVABLE, "setup")
+        outcomes = race_promotes(store, racers)
+        winners = [o for o in outcomes if isinstance(o, Deployment)]
+        losers = [o for o in outcomes if isinstance(o, DeployConflict)]
+        assert len(winners) == 1 and len(losers) == racers - 1, outcomes
+        assert all("has no candidate to promote" in str(o) for o in losers)
+        assert store.deployments()["m"] == winners[0]
+        assert winners[0].stable == candidate and winners[0].candidate is None
+    promotes = [e for e in store.history(limit=100) if e.action == "promote"]
+    assert len(promotes) == 5
+
+
+def _promote_in_process(path: str, start: Any) -> str:
+    start.wait(timeout=30)
+    store = DeploymentStore(Path(path))
+    try:
+        store.act("m", Promote(), SERVABLE, f"pid {os.getpid()}")
+    except DeployConflict:
+        return "conflict"
+    return "promoted"
+
+
+def test_racing_promotes_in_processes_take_turns(store: DeploymentStore) -> None:
+    store.act("m", Candidate("v2"), SERVABLE, "setup")
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        start = manager.Event()
+        with context.Pool(3) as pool:
+            pending = [pool.apply_async(_promote_in_process, (str(store.path), start)) for _ in range(3)]
+            start.set()
+            results = sorted(result.get(timeout=60) for result in pending)
+    assert results == ["conflict", "conflict", "promoted"]
+    assert store.deployments()["m"].stable == "v2"
+    assert [e.action for e in store.history(limit=100)].count("promote") == 1
+
+
+def test_a_fresh_state_file_that_another_connection_is_writing_is_waited_for(
+    stores: list[DeploymentStore], tmp_path: Path
+) -> None:
+    path = tmp_path / "deploy.sqlite"
+    # Another worker's first connection, in the middle of its first write to the new file.
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE IF NOT EXISTS unrelated (x)")
+    release = threading.Timer(0.2, other.execute, ("COMMIT",))
+    release.start()
+    try:
+        store = open_store(stores, path)
+        store.seed({"m": "v1"}, "second worker")  # should wait its turn, up to the busy timeout
+        assert store.deployments()["m"].stable == "v1"
+    finally:
+        release.join()
+        other.close()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_directory", "not_a_database"])
+def test_an_unopenable_state_file_is_a_config_error_without_the_path(
+    stores: list[DeploymentStore], tmp_path: Path, where: str
+) -> None:
+    secret = tmp_path / "secret-location"
+    if where == "under_a_file":
+        secret.write_text("a regular file")
+        path = secret / "sub" / "deploy.sqlite"
+    elif where == "a_directory":
+        path = secret
+        path.mkdir()
+    else:
+        path = secret
+        path.write_bytes(b"this is not an SQLite database, not even close" * 100)
+    store = open_store(stores, path)
+    with pytest.raises(
+        ConfigError, match="FASTSERVE_STATE_PATH: cannot open the deployment state: "
+    ) as raised:
+        store.seed({"m": "v1"}, "seeder")
+    message = str(raised.value)
+    assert "secret-location" not in message and str(tmp_path) not in message
+    with pytest.raises(ConfigError):
+        store.deployments()
+
+
+# -- where the state file lives ----------------------------------------------------------------
+
+
+@pytest.fixture
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "xdg-state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    return home
+
+
+def test_default_state_path_is_per_repository_under_xdg_state_home(state_home: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "a" / "models", tmp_path / "b" / "models"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    one, two = default_state_path(first), default_state_path(second)
+    assert one != two
+    for path in (one, two):
+        assert path.parent == state_home / "fastserve"
+        assert path.name.startswith("models-") and path.suffix == ".sqlite"
+    assert default_state_path(first) == one  # stable across calls
+
+
+def test_default_state_path_follows_the_real_path(
+    state_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    link = tmp_path / "link-to-repo"
+    link.symlink_to(repo, target_is_directory=True)
+    expected = default_state_path(repo)
+    assert default_state_path(link) == expected
+    assert default_state_path(tmp_path / "other" / ".." / "repo") == expected
+    monkeypatch.chdir(tmp_path)
+    assert default_state_path(Path("repo")) == expected
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_state_path(Path("~/repo")) == expected
+
+
+@pytest.mark.parametrize("unset", ["missing", "empty"])
+def test_default_state_path_without_xdg_state_home_is_under_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unset: str
+) -> None:
+    if unset == "missing":
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_STATE_HOME", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = default_state_path(tmp_path / "repo")
+    assert path.parent == tmp_path / "home" / ".local" / "state" / "fastserve"
+
+
+def test_state_path_is_the_configured_one_when_set(
+    state_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configured = tmp_path / "elsewhere" / "deploy.sqlite"
+    repo = tmp_path / "repo"
+    settings = Settings.from_env({"FASTSERVE_STATE_PATH": str(configured), "FASTSERVE_REPOSITORY": str(repo)})
+    assert state_path(settings) == configured
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert (
+        state_path(Settings.from_env({"FASTSERVE_STATE_PATH": "~/deploy.sqlite"}))
+        == tmp_path / "deploy.sqlite"
+    )
+
+
+def test_state_path_defaults_to_the_repositorys_file(
+    state_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    assert state_path(Settings.from_env({"FASTSERVE_REPOSITORY": str(repo)})) == default_state_path(repo)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    demo = default_demo_repository()
+    assert state_path(Settings.from_env({})) == default_state_path(demo)
+    assert state_path(Settings.from_env({})).parent == state_home / "fastserve"
