@@ -19,6 +19,9 @@ ENV FASTSERVE_HOST=0.0.0.0 FASTSERVE_PORT=8000
 # Bake the demo models in, so the image serves without training at start-up.
 RUN fastserve demo /home/fastserve/models
 ENV FASTSERVE_REPOSITORY=/home/fastserve/models
+# Deployment state (aliases, canary, audit log): mount a volume here to keep it across
+# container restarts.
+ENV FASTSERVE_STATE_PATH=/home/fastserve/state/deployments.sqlite
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
