@@ -17,7 +17,7 @@ WORKDIR /home/fastserve
 # Inside a container the server must listen beyond loopback to be reachable at all.
 ENV FASTSERVE_HOST=0.0.0.0 FASTSERVE_PORT=8000
 # Bake the demo models in, so the image serves without training at start-up.
-RUN fastserve demo /home/fastserve/models
+RUN fastserve demo /home/fastserve/models && mkdir -p /home/fastserve/state
 ENV FASTSERVE_REPOSITORY=/home/fastserve/models
 # Deployment state (aliases, canary, audit log): mount a volume here to keep it across
 # container restarts.
