@@ -6,6 +6,7 @@ module by name (the tests put this folder on its PYTHONPATH).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -52,3 +53,24 @@ class EchoUnless:
         time.sleep(self.delay_s)
         first = rows[:, 0].astype(np.int64)
         return np.where(rows[:, 0] == self.odd_one_out, -1, first)
+
+
+class SlowToWarmInOneProcess:
+    """Echoes the first feature. The first process to warm it up sleeps ``delay_s`` doing so (a
+    marker file decides which): the workers of one server become ready at different times."""
+
+    def __init__(self, n_features: int, marker: str, delay_s: float) -> None:
+        self.n_features_in_ = n_features
+        self.marker = marker
+        self.delay_s = delay_s
+        self.warmed = False
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if not self.warmed:
+            self.warmed = True
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+                time.sleep(self.delay_s)
+            except FileExistsError:
+                pass
+        return rows[:, 0].astype(np.int64)

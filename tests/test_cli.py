@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import free_port, running, server_env
+from conftest import free_port, running, server_env, write_joblib_model
+from fake_models import SlowToWarmInOneProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -41,19 +42,17 @@ def test_granian_cli_serves_the_app_from_environment_settings(tmp_path: Path, de
 
 
 def test_serve_with_two_workers(tmp_path: Path, demo_repo: Path, serve: Any) -> None:
+    # Each worker loads its own models; /readyz says 200 (the fixture waits for it) only once
+    # both have, so from then on every fresh connection, whichever worker takes it, is served.
     server = serve(demo_repo, "--workers", "2")
-    # Readiness is per worker and each loads its own models: wait until fresh connections,
-    # which land on either worker, keep finding it ready.
-    ready_in_a_row = 0
-    deadline = time.monotonic() + 60
-    while ready_in_a_row < 20:
-        assert time.monotonic() < deadline, server.output()
-        ok = httpx.get(server.url + "/readyz").status_code == 200
-        ready_in_a_row = ready_in_a_row + 1 if ok else 0
-        if not ok:
-            time.sleep(0.1)
-    for _ in range(20):
+    pids = set()
+    for _ in range(30):
+        assert httpx.get(server.url + "/readyz").status_code == 200
         assert httpx.post(server.url + "/predict/digits", json=ROW).status_code == 200
+        status = httpx.get(server.url + "/status").json()
+        assert status["ready"] and status["ready_workers"] == 2
+        pids.add(status["pid"])
+    assert len(pids) == 2, pids  # both workers answered
     assert "worker-2" in server.output()
 
 
@@ -89,3 +88,26 @@ def test_demo_writes_a_repository(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert 'stable = "v1"' in (tmp_path / "models" / "digits" / "model.toml").read_text()
     assert (tmp_path / "models" / "digits" / "v1" / "model.skops").is_file()
+
+
+def test_readiness_waits_for_every_worker(tmp_path: Path, serve: Any) -> None:
+    repo = tmp_path / "repo"
+    write_joblib_model(repo, "m", "v1", SlowToWarmInOneProcess(2, str(tmp_path / "marker"), delay_s=4.0))
+    server = serve(repo, "--workers", "2", trusted_repository=1, wait_ready=False)
+    answers: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 60
+    while not answers or answers[-1][0] != 200:
+        assert time.monotonic() < deadline, server.output()
+        try:
+            response = httpx.get(server.url + "/readyz", timeout=2)
+        except httpx.HTTPError:
+            time.sleep(0.05)
+            continue
+        message = response.json()["error"]["message"] if response.status_code != 200 else ""
+        answers.append((response.status_code, message))
+        time.sleep(0.05)
+    # The fast worker, ready for seconds, said 503 for the whole server while the other loaded.
+    assert any(message == "1 of 2 workers have loaded their models" for _, message in answers), answers
+    for _ in range(20):  # and once it said 200, whichever worker takes a request serves it
+        response = httpx.post(server.url + "/predict/m", json={"features": [3, 0]})
+        assert response.status_code == 200 and response.json()["predictions"] == [3]

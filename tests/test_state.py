@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -520,3 +522,16 @@ def test_state_path_defaults_to_the_repositorys_file(
     demo = default_demo_repository()
     assert state_path(Settings.from_env({})) == default_state_path(demo)
     assert state_path(Settings.from_env({})).parent == state_home / "fastserve"
+
+
+def test_ready_workers_are_the_live_ones_of_this_server(store: DeploymentStore) -> None:
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    me, server, other_server = os.getpid(), os.getppid(), os.getppid() + 1
+    store.worker_ready(me, server)
+    store.worker_ready(exited.pid, server)  # killed outright: its row stays, its pid is gone
+    store.worker_ready(os.getppid(), other_server)  # a worker of another server on this file
+    assert store.ready_workers(server) == [me]
+    assert store.ready_workers(other_server) == [os.getppid()]
+    store.worker_gone(me)
+    assert store.ready_workers(server) == []

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -134,6 +135,10 @@ class Server:
         if self.metrics is not None:
             self.metrics.start(loop)
         self.phase, self.problem = "serving", ""
+        try:  # workers of one server share the main process (Granian's) as their parent
+            await asyncio.to_thread(store.worker_ready, os.getpid(), os.getppid())
+        except (ConfigError, sqlite3.Error):
+            logger.exception("could not record this worker as ready; /readyz will say 503")
         broken = self.router.unservable()
         if broken:
             logger.error("not ready: no servable stable version for: %s", ", ".join(broken))
@@ -166,15 +171,24 @@ class Server:
         if self.metrics is not None:
             self.metrics.stop()
         if self.store is not None:
+            with contextlib.suppress(ConfigError, OSError, sqlite3.Error):
+                self.store.worker_gone(os.getpid())
             self.store.close()
 
     def check_ready(self) -> None:
-        """Readiness of the whole server: every model has its stable version serving."""
+        """Readiness of the whole server: every model has its stable version serving, in every
+        worker. Each worker loads its own models; the one that answers the probe being ready
+        says nothing of the others, which would answer 503 to the requests they take."""
         if self.phase == "serving":
             broken = self.router.unservable()
-            if not broken:
-                return
-            raise NotReady(f"no servable stable version for: {', '.join(broken)}")
+            if broken:
+                raise NotReady(f"no servable stable version for: {', '.join(broken)}")
+            assert self.store is not None
+            expected = self.settings.server.workers
+            ready = len(self.store.ready_workers(os.getppid()))
+            if ready < expected:
+                raise NotReady(f"{ready} of {expected} workers have loaded their models")
+            return
         raise (Draining if self.phase == "draining" else NotReady)(self.problem)
 
     def check_serving(self) -> None:
@@ -538,7 +552,8 @@ def _status(server: Server) -> dict[str, Any]:
     history = server.store.history() if server.store is not None else []
     return {
         "phase": server.phase,
-        "ready": server.phase == "serving" and not server.router.unservable(),
+        "ready": server.phase == "serving" and not server.router.unservable(),  # this worker
+        "ready_workers": len(server.store.ready_workers(os.getppid())) if server.store is not None else 0,
         "problem": server.problem or None,
         "pid": os.getpid(),
         "queue_implementation": "compiled" if COMPILED else "python",

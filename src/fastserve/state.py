@@ -181,6 +181,11 @@ CREATE TABLE IF NOT EXISTS deployment (
     previous_stable TEXT,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS worker (
+    pid INTEGER PRIMARY KEY,
+    server INTEGER NOT NULL,
+    ready_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -321,6 +326,21 @@ class DeploymentStore:
         rows = self._conn.execute(query).fetchall()
         return {(model, action): n for model, action, n in rows}
 
+    def worker_ready(self, pid: int, server: int) -> None:
+        """Worker ``pid`` of the server whose main process is ``server`` has loaded its models."""
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO worker VALUES (?, ?, ?)", (pid, server, time.time()))
+
+    def worker_gone(self, pid: int) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM worker WHERE pid = ?", (pid,))
+
+    def ready_workers(self, server: int) -> list[int]:
+        """The live workers of ``server`` that are ready (a worker killed outright leaves a row
+        behind; its pid is gone)."""
+        rows = self._conn.execute("SELECT pid FROM worker WHERE server = ?", (server,)).fetchall()
+        return [pid for (pid,) in rows if _alive(pid)]
+
     def changed(self) -> bool:
         """Whether another connection committed since the last call (cheap: no table is read)."""
         version: int = self._conn.execute("PRAGMA data_version").fetchone()[0]
@@ -328,6 +348,16 @@ class DeploymentStore:
             return False
         self._data_version = version
         return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _switch_to_wal(conn: sqlite3.Connection) -> None:
