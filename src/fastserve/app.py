@@ -462,7 +462,7 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
 
     async def deploy(request: Request) -> Response:
         server.check_admin(request.headers.get("authorization"))
-        action = decode_action(await _small_body(request, _MAX_ACTION_BYTES))
+        action = decode_action(await _receive_body(request.receive, _MAX_ACTION_BYTES))
         client = request.client.host if request.client else "unknown"
         deployment = await server.act(request.path_params["model"], action, actor=f"http {client}")
         return JSONResponse(deployment.as_dict())
@@ -501,15 +501,6 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
     )
     app.state.server = server
     return PredictFirst(app, predict)
-
-
-async def _small_body(request: Request, max_bytes: int) -> bytes:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise BodyTooLarge(f"body passed {max_bytes} bytes")
-    return body
 
 
 def _status(server: Server) -> dict[str, Any]:
