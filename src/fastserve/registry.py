@@ -108,8 +108,14 @@ class Registry:
         return [d for d in sorted(self.root.iterdir()) if d.is_dir() and _NAME.match(d.name)]
 
     def _has_artifact(self, version_dir: Path) -> bool:
-        names = ("model.skops", "model.joblib") if self.settings.trusted_repository else ("model.skops",)
-        return any((version_dir / name).exists() for name in names)
+        return any(path.exists() for path in self._artifact_paths(version_dir))
+
+    def _artifact_paths(self, version_dir: Path) -> list[Path]:
+        """The files a version may be loaded from, in order of preference."""
+        paths = [version_dir / "model.skops"]
+        if self.settings.trusted_repository:
+            paths.append(version_dir / "model.joblib")
+        return paths
 
     def _load_model(self, model_dir: Path) -> ModelEntry:
         config = _read_model_toml(model_dir, self.root)
@@ -154,10 +160,7 @@ class Registry:
         return f"{type(exc).__name__}: {exc}".replace(str(self.root), "<repository>")
 
     def _artifact(self, version_dir: Path) -> Path:
-        candidates = [version_dir / "model.skops"]
-        if self.settings.trusted_repository:
-            candidates.append(version_dir / "model.joblib")
-        for path in candidates:
+        for path in self._artifact_paths(version_dir):
             if path.exists() or path.is_symlink():
                 real = path.resolve()
                 if not real.is_relative_to(self.root) or not real.is_file():
