@@ -50,6 +50,7 @@ from fastserve.errors import (
     Unauthorized,
     UnknownModel,
     UnknownRoute,
+    without_path,
 )
 from fastserve.metrics import ALIASES, CONTENT_TYPE, Metrics
 from fastserve.queue import COMPILED
@@ -113,9 +114,8 @@ class Server:
             stables = {name: entry.stable for name, entry in models.items() if entry.stable is not None}
             await asyncio.to_thread(store.seed, stables, f"server pid {os.getpid()}")
         except Exception as exc:
-            # The problem reaches /readyz and every predict: an OSError's text would name a path.
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self.phase, self.problem = "failed", f"loading the repository failed: {reason}"
+            # The problem reaches /readyz and every predict.
+            self.phase, self.problem = "failed", f"loading the repository failed: {without_path(exc)}"
             logger.error("%s", self.problem)
             return
         loop = asyncio.get_running_loop()
@@ -535,7 +535,7 @@ def _status(server: Server) -> dict[str, Any]:
             "canary": deployment.canary if deployment else 0.0,
             "shadow": deployment.shadow if deployment else False,
             "previous_stable": deployment.previous_stable if deployment else None,
-            "routing_problem": route.problem or None if route is not None else None,
+            "routing_problem": (route.problem or None) if route is not None else None,
             "routed": _nested(server.router.routed.get(name, {})),
             "shadow_outcomes": _nested(server.router.shadow.outcomes.get(name, {})),
             "versions": versions,

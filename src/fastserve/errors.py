@@ -102,5 +102,13 @@ class QueueTimeout(FastServeError):
     status, code = 504, "queue_timeout"
 
 
+def without_path(exc: BaseException) -> str:
+    """An exception's message fit for a client: an OSError's reason, without the path its
+    text names ("[Errno 13] Permission denied: '/srv/...'" becomes "Permission denied")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 class ConfigError(Exception):
     """A setting is wrong; raised at start-up with the offending setting named."""

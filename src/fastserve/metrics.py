@@ -40,6 +40,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from fastserve.state import process_alive
+
 if TYPE_CHECKING:
     from fastserve.router import Router
 
@@ -315,19 +317,12 @@ def _forget_killed_processes(directory: str) -> None:
     """Drop the live gauges of workers that died without their shutdown (SIGKILL, OOM killer).
 
     A worker that stops normally does this itself (``Metrics.stop``); one killed outright
-    leaves its queue depth in the sum until someone notices that its pid is gone. The workers
-    share the host's pid namespace, so "no such process" is a safe test.
+    leaves its queue depth in the sum until someone notices that its pid is gone.
     """
     for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
         pid = path.rsplit("_", 1)[1].removesuffix(".db")
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not process_alive(int(pid)):
             mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
-        except PermissionError:  # alive, someone else's: not ours to judge
-            pass
 
 
 def _add_deltas(

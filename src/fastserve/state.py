@@ -30,7 +30,14 @@ from typing import Annotated, Any
 import msgspec
 
 from fastserve.config import Settings, resolve_repository
-from fastserve.errors import ConfigError, DeployConflict, MalformedBody, UnknownModel, UnknownVersion
+from fastserve.errors import (
+    ConfigError,
+    DeployConflict,
+    MalformedBody,
+    UnknownModel,
+    UnknownVersion,
+    without_path,
+)
 
 # -- actions ------------------------------------------------------------------------------------
 
@@ -238,8 +245,8 @@ class DeploymentStore:
             _switch_to_wal(conn)
             conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            # The reason, not the OSError's text: that names the path, and this reaches /status.
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            # This reaches /status and /readyz.
+            reason = without_path(exc)
             raise ConfigError(f"FASTSERVE_STATE_PATH: cannot open the deployment state: {reason}") from None
         return conn
 
@@ -339,7 +346,7 @@ class DeploymentStore:
         """The live workers of ``server`` that are ready (a worker killed outright leaves a row
         behind; its pid is gone)."""
         rows = self._conn.execute("SELECT pid FROM worker WHERE server = ?", (server,)).fetchall()
-        return [pid for (pid,) in rows if _alive(pid)]
+        return [pid for (pid,) in rows if process_alive(pid)]
 
     def changed(self) -> bool:
         """Whether another connection committed since the last call (cheap: no table is read)."""
@@ -350,7 +357,8 @@ class DeploymentStore:
         return True
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (its workers share the pid namespace)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
