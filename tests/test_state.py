@@ -28,6 +28,7 @@ from fastserve.state import (
     action_name,
     decode_action,
     default_state_path,
+    make_action,
     state_path,
     transition,
 )
@@ -98,6 +99,17 @@ def test_malformed_actions_are_refused(body: bytes, match: str) -> None:
         decode_action(body)
     assert refused.value.code == "malformed_body" and refused.value.status == 400
     assert str(refused.value).startswith("not a deployment action: ")
+
+
+def test_actions_from_fields_follow_the_same_rules_as_bodies() -> None:
+    assert make_action({"action": "candidate", "version": "v2", "canary": 0.5, "shadow": True}) == Candidate(
+        "v2", 0.5, True
+    )
+    assert make_action({"action": "rollback"}) == Rollback()
+    with pytest.raises(MalformedBody, match=r"<= 1.0 - at `\$.canary`"):
+        make_action({"action": "candidate", "version": "v2", "canary": 2.0})
+    with pytest.raises(MalformedBody, match=r"length >= 1 - at `\$.version`"):
+        make_action({"action": "rollback", "version": ""})
 
 
 # -- transition ---------------------------------------------------------------------------------

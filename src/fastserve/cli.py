@@ -36,16 +36,7 @@ from fastserve.config import (
 )
 from fastserve.errors import ConfigError, FastServeError, UnknownModel
 from fastserve.registry import Registry
-from fastserve.state import (
-    ACTION_NAMES,
-    Action,
-    Candidate,
-    ClearCandidate,
-    DeploymentStore,
-    Promote,
-    Rollback,
-    state_path,
-)
+from fastserve.state import ACTION_NAMES, DeploymentStore, make_action, state_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,19 +105,17 @@ def _actor() -> str:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    action: Action
+    fields = {"action": args.action}
     if args.action == "candidate":
         if args.version is None:
             raise ConfigError("candidate needs a VERSION")
-        action = Candidate(args.version, canary=_share(args.canary), shadow=args.shadow)
+        fields |= {"version": args.version, "canary": args.canary, "shadow": args.shadow}
     elif args.version is not None and args.action != "rollback":
         raise ConfigError(f"{args.action} takes no VERSION")
-    elif args.action == "promote":
-        action = Promote()
-    elif args.action == "rollback":
-        action = Rollback(args.version)
-    else:
-        action = ClearCandidate()
+    elif args.version is not None:
+        fields["version"] = args.version
+    # Checked by the same rules as an HTTP body (canary 0-1, version names).
+    action = make_action(fields)
     store, versions = _offline_store(args)
     if args.model not in versions:
         raise UnknownModel(f"no model named {args.model!r} in the repository")
@@ -135,12 +124,6 @@ def _deploy(args: argparse.Namespace) -> int:
     deployment = store.act(args.model, action, servable, _actor())
     print(json.dumps(deployment.as_dict(), indent=2))
     return 0
-
-
-def _share(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"--canary={value} must be between 0 and 1")
-    return value
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -74,6 +74,15 @@ ACTION_NAMES = ("candidate", "promote", "rollback", "clear_candidate")
 _ACTION_DECODER = msgspec.json.Decoder(Action)
 
 
+def make_action(fields: Mapping[str, Any]) -> Action:
+    """A deployment action from its fields (the CLI's arguments), checked as a body would be."""
+    try:
+        action: Action = msgspec.convert(fields, Action)
+    except msgspec.ValidationError as exc:
+        raise MalformedBody(f"not a deployment action: {exc}") from None
+    return action
+
+
 def decode_action(body: bytes) -> Action:
     """A deployment action from its JSON body, or ``MalformedBody`` saying what is wrong."""
     try:
