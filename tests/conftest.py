@@ -12,9 +12,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import joblib
+import msgspec
 import pytest
 
 from fastserve.demo import write_demo_repository
@@ -145,3 +147,41 @@ def serve(tmp_path: Path) -> Iterator[object]:
             )
 
         yield start
+
+
+def status_of(server: RunningServer) -> dict[str, Any]:
+    """/status on a fresh connection: with several workers, either may answer."""
+    response = httpx.get(server.url + "/status", timeout=5)
+    assert response.status_code == 200
+    return response.json()  # type: ignore[no-any-return]
+
+
+def status_of_every_worker(server: RunningServer, workers: int) -> dict[int, dict[str, Any]]:
+    """/status from each worker process, by pid (asking until each has answered)."""
+    seen: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < workers:
+        assert time.monotonic() < deadline, f"only workers {sorted(seen)} answered"
+        status = status_of(server)
+        seen[status["pid"]] = status
+    return seen
+
+
+def wait_for_every_worker(server: RunningServer, workers: int) -> None:
+    """Until each worker says it is ready. /readyz waits for them all at start; this is for
+    later, as when a killed worker has been replaced."""
+    deadline = time.monotonic() + 60
+    while not all(status["ready"] for status in status_of_every_worker(server, workers).values()):
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.1)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    if response.headers["content-type"] == "application/msgpack":
+        body = msgspec.msgpack.decode(response.content)
+    else:
+        body = response.json()
+    assert body["error"]["code"] == code
+    # No internals: no traceback, no file paths.
+    assert "Traceback" not in response.text and "/tmp" not in response.text and ".py" not in response.text

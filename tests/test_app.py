@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 
 from fastserve.registry import TRUSTED_TYPES
 
-from conftest import RunningServer, write_joblib_model
+from conftest import RunningServer, assert_error, status_of, write_joblib_model
 from fake_models import FailOnNegative, SleepyModel
 from http_load import post_many
 
@@ -51,12 +51,6 @@ def post_all(
     return asyncio.run(_post_all(url, bodies, concurrency, headers))
 
 
-def status_of(server: RunningServer) -> dict[str, Any]:
-    response = httpx.get(server.url + "/status", timeout=5)
-    assert response.status_code == 200
-    return response.json()  # type: ignore[no-any-return]
-
-
 def status_of_when_up(server: RunningServer) -> dict[str, Any]:
     """/status once the process answers at all (it may still be loading)."""
     deadline = time.monotonic() + 60
@@ -66,17 +60,6 @@ def status_of_when_up(server: RunningServer) -> dict[str, Any]:
         except httpx.HTTPError:
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.1)
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    if response.headers["content-type"] == "application/msgpack":
-        body = msgspec.msgpack.decode(response.content)
-    else:
-        body = response.json()
-    assert body["error"]["code"] == code
-    # No internals: no traceback, no file paths.
-    assert "Traceback" not in response.text and "/tmp" not in response.text and ".py" not in response.text
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,17 @@ from sklearn.datasets import load_digits
 
 from fastserve.registry import TRUSTED_TYPES
 
-from conftest import RunningServer, free_port, running, serve_command, server_env, write_joblib_model
+from conftest import (
+    RunningServer,
+    assert_error,
+    free_port,
+    running,
+    serve_command,
+    server_env,
+    status_of,
+    status_of_every_worker,
+    write_joblib_model,
+)
 from fake_models import EchoUnless, SleepyModel
 from http_load import post_many
 
@@ -36,37 +46,6 @@ SWITCH_S = 0.1
 
 def deploy(server: RunningServer, model: str, **action: object) -> httpx.Response:
     return httpx.post(f"{server.url}/deploy/{model}", json=action, headers=AUTH, timeout=10)
-
-
-def status_of(server: RunningServer) -> dict[str, Any]:
-    # A fresh connection each time, so that with two workers either may answer.
-    response = httpx.get(server.url + "/status", timeout=5)
-    assert response.status_code == 200
-    return response.json()  # type: ignore[no-any-return]
-
-
-def status_of_every_worker(server: RunningServer, workers: int) -> dict[int, dict[str, Any]]:
-    """/status from each worker process, by pid (asking until each has answered)."""
-    seen: dict[int, dict[str, Any]] = {}
-    deadline = time.monotonic() + 20
-    while len(seen) < workers:
-        assert time.monotonic() < deadline, f"only workers {sorted(seen)} answered"
-        status = status_of(server)
-        seen[status["pid"]] = status
-    return seen
-
-
-def wait_for_every_worker(server: RunningServer, workers: int) -> None:
-    """Each worker loads its own models: the first ready one does not make the others ready."""
-    deadline = time.monotonic() + 60
-    while not all(status["ready"] for status in status_of_every_worker(server, workers).values()):
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.1)
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.json()["error"]["code"] == code
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +210,6 @@ async def _fresh_connection_post(port: int, body: bytes) -> tuple[int, str]:
 
 def test_promote_and_rollback_under_load_on_two_workers(serve: Any, demo_repo: Path) -> None:
     server = serve(demo_repo, "--workers", "2", admin_token=TOKEN)
-    wait_for_every_worker(server, 2)
     assert deploy(server, "digits", action="candidate", version="v2").status_code == 200
     body = msgspec.json.encode({"features": [0.0] * 64})
     answers: list[tuple[float, float, int, str]] = []
@@ -289,7 +267,6 @@ def test_every_worker_follows_each_action_and_the_state_survives_a_restart(
     port = free_port()
     command = serve_command(demo_repo, port, "--workers", "2")
     with running(command, env, port, tmp_path) as server:
-        wait_for_every_worker(server, 2)
         steps: list[tuple[dict[str, object], dict[str, Any]]] = [
             ({"action": "candidate", "version": "v2", "canary": 0.5, "shadow": True}, {"candidate": "v2"}),
             ({"action": "promote"}, {"stable": "v2", "candidate": None}),
@@ -317,7 +294,6 @@ def test_every_worker_follows_each_action_and_the_state_survives_a_restart(
     assert server.process.poll() is not None
 
     with running(command, env, port, tmp_path) as restarted:
-        wait_for_every_worker(restarted, 2)
         for status in status_of_every_worker(restarted, 2).values():
             assert status["models"]["digits"]["aliases"] == {"stable": "v2", "candidate": None}
             assert status["models"]["digits"]["previous_stable"] == "v1"
@@ -331,7 +307,6 @@ def test_the_cli_acts_on_a_running_server_without_http(demo_repo: Path, tmp_path
     env = server_env(repository=demo_repo, state_path=state)  # no token: HTTP actions are off
     port = free_port()
     with running(serve_command(demo_repo, port, "--workers", "2"), env, port, tmp_path) as server:
-        wait_for_every_worker(server, 2)
         assert_error(deploy(server, "digits", action="promote"), 403, "deploy_disabled")
         cli = [sys.executable, "-m", "fastserve.cli"]
         done = subprocess.run(

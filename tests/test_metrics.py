@@ -24,7 +24,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastserve.config import MetricsSettings, Settings
 from fastserve.metrics import DURATION_BUCKETS, ROW_BUCKETS, Metrics, _Buckets, multiprocess_dir
 
-from conftest import RunningServer, free_port, running, serve_command, server_env, write_joblib_model
+from conftest import (
+    RunningServer,
+    free_port,
+    running,
+    serve_command,
+    server_env,
+    status_of_every_worker,
+    wait_for_every_worker,
+    write_joblib_model,
+)
 from fake_models import EchoUnless, SleepyModel
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -360,31 +369,12 @@ def assert_counters_never_fall(scrapes: Iterable[dict[Sample, float]]) -> None:
                 seen[key] = value
 
 
-def status_of_every_worker(server: RunningServer) -> dict[int, dict[str, Any]]:
-    """/status of each worker process, by pid (fresh connections until each has answered)."""
-    seen: dict[int, dict[str, Any]] = {}
-    deadline = time.monotonic() + 30
-    while len(seen) < WORKERS:
-        assert time.monotonic() < deadline, f"only workers {sorted(seen)} answered"
-        status = httpx.get(server.url + "/status", timeout=5).json()
-        seen[status["pid"]] = status
-    return seen
-
-
-def wait_for_every_worker(server: RunningServer) -> None:
-    deadline = time.monotonic() + 60
-    while not all(status["ready"] for status in status_of_every_worker(server).values()):
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.1)
-
-
 @pytest.mark.e2e
 def test_two_workers_expose_exact_totals_whichever_answers(serve: Any, tmp_path: Path) -> None:
     server = serve(metrics_repo(tmp_path / "repo"), "--workers", str(WORKERS), trusted_repository=1)
-    wait_for_every_worker(server)
     expected = send_mix(server)
     # Both workers answered some of the requests: the exact totals below are sums across them.
-    per_worker = status_of_every_worker(server)
+    per_worker = status_of_every_worker(server, WORKERS)
     assert all(s["models"]["echo"]["versions"]["v1"]["requests"] > 0 for s in per_worker.values()), per_worker
     time.sleep(SETTLE_S)
     scrapes = []
@@ -395,16 +385,16 @@ def test_two_workers_expose_exact_totals_whichever_answers(serve: Any, tmp_path:
     assert_counters_never_fall(scrapes)
 
     # A worker killed outright is respawned by Granian, and its counts stay in the totals.
-    victim = min(status_of_every_worker(server))
+    victim = min(status_of_every_worker(server, WORKERS))
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while True:
-        pids = set(status_of_every_worker(server))
+        pids = set(status_of_every_worker(server, WORKERS))
         if victim not in pids and len(pids) == WORKERS:
             break
         assert time.monotonic() < deadline, f"no worker replaced {victim}: {server.output()}"
         time.sleep(0.2)
-    wait_for_every_worker(server)
+    wait_for_every_worker(server, WORKERS)
     for _ in range(6):
         _, scraped = scrape(server)
         check_scrape(scraped, expected)
@@ -447,7 +437,6 @@ def test_deployments_show_in_routed_shadow_info_and_actions(tmp_path: Path) -> N
     )
     port = free_port()
     with running(serve_command(repo, port, "--workers", str(WORKERS)), env, port, tmp_path) as server:
-        wait_for_every_worker(server)
 
         def act(**action: object) -> None:
             auth = {"authorization": f"Bearer {TOKEN}"}
