@@ -1,4 +1,4 @@
-"""Build the compiled ring queue; all metadata lives in pyproject.toml."""
+"""Build the compiled ring queue and tree predict; all metadata lives in pyproject.toml."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ if _DEBUG:
     _macros.append(("CYTHON_TRACE_NOGIL", "1"))
     _directives.update(linetrace=True, binding=True)
 
+
+def _extension(name: str) -> Extension:
+    return Extension(
+        f"fastserve.{name}",
+        [f"src/fastserve/{name}.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=_macros,
+        extra_compile_args=_compile_args,
+    )
+
+
 setup(
-    ext_modules=cythonize(
-        [
-            Extension(
-                "fastserve._queue",
-                ["src/fastserve/_queue.pyx"],
-                include_dirs=[numpy.get_include()],
-                define_macros=_macros,
-                extra_compile_args=_compile_args,
-            )
-        ],
-        compiler_directives=_directives,
-    ),
+    ext_modules=cythonize([_extension("_queue"), _extension("_trees")], compiler_directives=_directives),
 )

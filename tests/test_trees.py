@@ -1,0 +1,690 @@
+"""trees: the compiled tree-ensemble predict gives the same bits as ``estimator.predict``.
+
+Every comparison is on rows the compile-time probe never saw (fresh seeded draws, and rows on
+and beside the fitted thresholds built here independently), and is strict: dtype, shape,
+values and the sign of zeros.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    ExtraTreesRegressor,
+    GradientBoostingClassifier,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.linear_model import LogisticRegression
+from sklearn.tree import (
+    DecisionTreeClassifier,
+    DecisionTreeRegressor,
+    ExtraTreeClassifier,
+    ExtraTreeRegressor,
+)
+
+from fastserve import trees
+from fastserve.trees import CompiledPredict, compile_forest
+
+NO_EXTENSIONS = os.environ.get("FASTSERVE_NO_EXTENSIONS") == "1"
+
+try:
+    from fastserve import _trees
+except ImportError:  # only tolerated where the suite was asked to run without extensions
+    if not NO_EXTENSIONS:
+        raise
+    _trees = None  # type: ignore[assignment]
+
+# Without the extension compile_forest always answers None: there is nothing else to test.
+pytestmark = pytest.mark.skipif(NO_EXTENSIONS, reason="FASTSERVE_NO_EXTENSIONS=1")
+
+
+def factory(cls: type, **defaults: Any) -> Callable[..., Any]:
+    """``cls`` with ``defaults``, which a test's own options override."""
+    return lambda **options: cls(**(defaults | options))
+
+
+CLASSIFIERS = {
+    "rf": factory(RandomForestClassifier, n_estimators=25, random_state=0),
+    "et": factory(ExtraTreesClassifier, n_estimators=25, random_state=0),
+    "dt": factory(DecisionTreeClassifier, random_state=0),
+    "xt": factory(ExtraTreeClassifier, random_state=0),
+}
+REGRESSORS = {
+    "rf": factory(RandomForestRegressor, n_estimators=25, random_state=0),
+    "et": factory(ExtraTreesRegressor, n_estimators=25, random_state=0),
+    "dt": factory(DecisionTreeRegressor, random_state=0),
+    "xt": factory(ExtraTreeRegressor, random_state=0),
+}
+FORESTS = ("rf", "et")
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def assert_same(expected: np.ndarray[Any, Any], got: np.ndarray[Any, Any]) -> None:
+    """The same bits: dtype, shape, values, and for floats the sign of every zero."""
+    assert got.dtype == expected.dtype
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected, strict=True)
+    if expected.dtype.kind == "f":
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(expected))
+
+
+def features(rng: np.random.Generator, n_rows: int, n_features: int) -> np.ndarray[Any, Any]:
+    """Continuous columns, and columns of small integers (whose thresholds fall at .5)."""
+    x = rng.normal(size=(n_rows, n_features)) * rng.uniform(0.01, 1000.0, size=n_features)
+    x[:, ::2] = rng.integers(0, 6, size=(n_rows, (n_features + 1) // 2))
+    return x
+
+
+def split_thresholds(estimator: Any) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """(feature, threshold) of every split in the estimator, read through ``tree_`` directly."""
+    tree_estimators = getattr(estimator, "estimators_", [estimator])
+    pairs = [(e.tree_.feature, e.tree_.threshold, e.tree_.children_left != -1) for e in tree_estimators]
+    return (
+        np.concatenate([feature[split] for feature, _, split in pairs]),
+        np.concatenate([threshold[split] for _, threshold, split in pairs]),
+    )
+
+
+def edge_rows(estimator: Any, rng: np.random.Generator, n_rows: int) -> np.ndarray[Any, Any]:
+    """Rows whose every split feature sits on a threshold, its float32 rounding or a neighbour."""
+    n_features = estimator.n_features_in_
+    feature, threshold = split_thresholds(estimator)
+    x = rng.normal(size=(n_rows, n_features))
+    for j in range(n_features):
+        t = threshold[feature == j]
+        t = t[np.isfinite(t)]  # a split that only separates NaN has threshold inf
+        if t.size == 0:
+            continue
+        t32 = t.astype(np.float32)
+        candidates = np.concatenate(
+            [
+                t,
+                t32.astype(np.float64),
+                np.nextafter(t32, np.float32(-np.inf)).astype(np.float64),
+                np.nextafter(t32, np.float32(np.inf)).astype(np.float64),
+                np.nextafter(t, -np.inf),
+                np.nextafter(t, np.inf),
+            ]
+        )
+        x[:, j] = rng.choice(candidates, size=n_rows)
+    return x
+
+
+def fresh_rows(estimator: Any, seed: int) -> np.ndarray[Any, Any]:
+    """Rows for a comparison: random ones, edge ones, zeros, and large finite magnitudes."""
+    rng = np.random.default_rng(seed)
+    n_features = estimator.n_features_in_
+    big = np.zeros((2, n_features))  # large, but with no float32 sum that could overflow
+    big[0, 0], big[1, -1] = 6.0e37, -6.0e37
+    return np.vstack(
+        [
+            features(rng, 200, n_features),
+            edge_rows(estimator, rng, 300),
+            np.zeros((1, n_features)),
+            -np.zeros((1, n_features)),
+            big,
+        ]
+    )
+
+
+def compiled(estimator: Any) -> CompiledPredict:
+    fn = compile_forest(estimator)
+    assert isinstance(fn, CompiledPredict), "expected the estimator to compile"
+    return fn
+
+
+def assert_matches(estimator: Any, seed: int = 1) -> CompiledPredict:
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, seed)
+    assert_same(estimator.predict(X), fn(X))
+    for n in (1, 2, 17):  # the lockstep groups: fewer pairs than a group, and a ragged end
+        assert_same(estimator.predict(X[:n]), fn(X[:n]))
+    return fn
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray[Any, Any], np.random.Generator]:
+    rng = np.random.default_rng(1234)
+    return features(rng, 300, 6), rng
+
+
+# -- bit equality ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array([3, 7]),
+        np.array([-1, 0, 5, 9]),
+        np.array(["cat", "dog", "emu"]),
+        np.array(["cat", "dog", "emu"], dtype=object),
+        np.array([-1.0, 2.0]),
+        np.array([False, True]),
+    ],
+    ids=["binary-int", "multiclass-int", "str", "object", "float", "bool"],
+)
+def test_classifiers_match(kind: str, labels: np.ndarray[Any, Any], data: Any) -> None:
+    x, rng = data
+    y = labels[(x[:, 0] + x[:, 2] + rng.integers(0, 2, len(x))).astype(int) % len(labels)]
+    estimator = CLASSIFIERS[kind]().fit(x, y)
+    fn = assert_matches(estimator)
+    assert fn.forest.n_values == len(labels)
+
+
+@pytest.mark.parametrize("kind", REGRESSORS)
+def test_regressors_match(kind: str, data: Any) -> None:
+    x, rng = data
+    y = x[:, 1] * 3.0 - x[:, 0] ** 2 + rng.normal(size=len(x))
+    assert_matches(REGRESSORS[kind]().fit(x, y))
+
+
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+def test_stumps_match(kind: str, data: Any) -> None:
+    x, rng = data
+    y = rng.integers(0, 3, len(x))
+    assert_matches(CLASSIFIERS[kind](max_depth=1).fit(x, y))
+    assert_matches(REGRESSORS[kind](max_depth=1).fit(x, y * 1.5))
+
+
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+def test_single_leaf_trees_match(kind: str, data: Any) -> None:
+    """Constant targets: every tree is one leaf (depth 0); one class is an argmax over one."""
+    x, _ = data
+    fn = assert_matches(CLASSIFIERS[kind]().fit(x, np.full(len(x), "only")))
+    assert fn.forest.n_nodes == fn.forest.n_trees
+    assert_matches(REGRESSORS[kind]().fit(x, np.full(len(x), -2.5)))
+
+
+@pytest.mark.parametrize("kind", FORESTS)
+def test_forest_options_match(kind: str, data: Any) -> None:
+    x, rng = data
+    y = rng.integers(0, 4, len(x))
+    for options in (
+        {"bootstrap": False},
+        {"bootstrap": True, "max_samples": 0.3},
+        {"max_leaf_nodes": 12},  # the best-first builder numbers nodes differently
+        {"class_weight": "balanced", "criterion": "entropy"},
+        {"max_features": None, "min_samples_leaf": 5},
+    ):
+        assert_matches(CLASSIFIERS[kind](**options).fit(x, y))
+    yr = np.abs(x[:, 1]) + rng.uniform(size=len(x))
+    for options in (
+        {"bootstrap": False},
+        {"max_leaf_nodes": 12},
+        {"criterion": "absolute_error", "n_estimators": 5},
+        {"criterion": "poisson"},
+    ):
+        assert_matches(REGRESSORS[kind](**options).fit(x, yr))
+
+
+def test_negative_zero_leaf_value_is_kept_by_a_single_tree() -> None:
+    """sklearn returns a single tree's leaf value as is; 0.0 + -0.0 would lose the sign."""
+    estimator = DecisionTreeRegressor().fit(np.array([[0.0], [1.0]]), np.array([1.0, 2.0]))
+    estimator.tree_.value[:] = -0.0  # the array is the tree's own storage
+    X = np.array([[0.0], [1.0]])
+    assert np.signbit(estimator.predict(X)).all()
+    assert_same(estimator.predict(X), compiled(estimator)(X))
+
+
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+def test_ties_go_to_the_first_class(kind: str) -> None:
+    """A leaf with equal fractions: numpy's argmax takes the first class, and so do we."""
+    x = np.array([[0.0], [0.0], [1.0], [1.0]])
+    y = np.array(["b", "a", "b", "a"])
+    estimator = CLASSIFIERS[kind](**({"bootstrap": False} if kind in FORESTS else {})).fit(x, y)
+    X = np.array([[0.0], [1.0]])
+    assert list(estimator.predict(X)) == ["a", "a"]
+    assert_same(estimator.predict(X), compiled(estimator)(X))
+
+
+@pytest.mark.parametrize("kind", FORESTS)
+def test_nan_rows_go_to_sklearn_and_match(kind: str, data: Any) -> None:
+    """sklearn 1.9 forests learn where NaN goes; a row with NaN is predicted by sklearn."""
+    x, rng = data
+    x = x.copy()
+    x[rng.uniform(size=x.shape) < 0.2] = np.nan
+    y = rng.integers(0, 3, len(x))
+    for estimator in (CLASSIFIERS[kind]().fit(x, y), REGRESSORS[kind]().fit(x, y * 1.0)):
+        fn = compiled(estimator)
+        X = fresh_rows(estimator, 2)
+        X[rng.uniform(size=X.shape) < 0.1] = np.nan
+        assert_same(estimator.predict(X), fn(X))
+        clean = np.nan_to_num(X[:5])
+        assert fn.forest.predict(clean) is not None
+        assert fn.forest.predict(X) is None
+
+
+def test_nan_rows_of_a_model_fitted_without_nan_match(data: Any) -> None:
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, rng.integers(0, 2, len(x)))
+    X = fresh_rows(estimator, 3)
+    X[::3, 0] = np.nan
+    assert_same(estimator.predict(X), compiled(estimator)(X))
+
+
+def outcome(predict: Callable[[Any], Any], X: Any) -> tuple[str, Any]:
+    """The result, or the exception's type and message (warnings as the caller filters them)."""
+    try:
+        return "ok", predict(X)
+    except Exception as error:
+        return type(error).__name__, str(error)
+
+
+def assert_same_outcome(estimator: Any, fn: CompiledPredict, X: Any) -> None:
+    expected, got = outcome(estimator.predict, X), outcome(fn, X)
+    assert got[0] == expected[0]
+    if expected[0] == "ok":
+        assert_same(expected[1], got[1])
+    else:
+        assert got[1] == expected[1]
+
+
+@pytest.mark.parametrize("value", [1e39, -1e300, np.inf, -np.inf, 3.4028235677973366e38])
+def test_values_beyond_float32_behave_as_in_sklearn(value: float, data: Any) -> None:
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, rng.integers(0, 2, len(x)))
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 4)[:10]
+    X[3, 1] = value
+    assert fn.forest.predict(X) is None
+    # As the suite runs (warnings are errors): numpy's overflowing cast raises RuntimeWarning.
+    assert_same_outcome(estimator, fn, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # then sklearn's own ValueError
+        assert_same_outcome(estimator, fn, X)
+
+
+@pytest.mark.parametrize("pattern", ["rounds-to-float32-max", "same-sign", "both-signs"])
+def test_batches_whose_float32_sum_could_overflow_go_to_sklearn(pattern: str, data: Any) -> None:
+    """sklearn's finite check sums X in float32, and warns when that meets both infinities."""
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, rng.integers(0, 2, len(x)))
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 4)[:10]
+    if pattern == "rounds-to-float32-max":
+        X[2, 1] = 3.4028235004135232e38  # above FLT_MAX, but its cast rounds down to it
+    elif pattern == "same-sign":
+        X[:, 0] = 1e38  # the sum overflows to +inf: no warning, sklearn's element-wise check passes
+    else:
+        X[:, 0], X[:, 1] = 3e38, -3e38  # inf + -inf: "invalid value encountered in reduce"
+    assert fn.forest.predict(X) is None
+    assert_same_outcome(estimator, fn, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert_same_outcome(estimator, fn, X)
+
+
+def test_large_values_below_the_overflow_bound_are_compiled(data: Any) -> None:
+    x, rng = data
+    estimator = RandomForestRegressor(n_estimators=5, random_state=0).fit(x, rng.normal(size=len(x)))
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 4)[:10]
+    X[3, 0], X[4, 1] = 1.6e38, -1e30
+    assert fn.forest.predict(X) is not None
+    assert_same(estimator.predict(X), fn(X))
+
+
+def test_other_inputs_go_to_sklearn(data: Any) -> None:
+    x, rng = data
+    estimator = ExtraTreesClassifier(n_estimators=5, random_state=0).fit(x, rng.integers(0, 3, len(x)))
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 5)[:20]
+    for other in (
+        X.astype(np.float32),
+        X.astype(">f8"),
+        np.asfortranarray(X),
+        X[:, ::-1].copy()[:, ::-1],  # a negative-stride view
+        X[::2],
+        X.tolist(),
+        np.round(X).astype(np.int64),
+        X[:, :3],
+        X[:0],
+        X[0],
+    ):
+        assert_same_outcome(estimator, fn, other)
+
+
+def test_n_jobs_forests_compile_and_match_the_one_job_sum(data: Any) -> None:
+    """With n_jobs > 1 sklearn sums in thread-completion order; the compiled sum is in order."""
+    x, rng = data
+    estimator = RandomForestRegressor(n_estimators=20, n_jobs=2, random_state=0).fit(
+        x, rng.normal(size=len(x))
+    )
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 6)
+    estimator.set_params(n_jobs=1)
+    assert_same(estimator.predict(X), fn(X))
+
+
+# -- property test ---------------------------------------------------------------------------
+
+KINDS = [
+    RandomForestClassifier,
+    ExtraTreesClassifier,
+    RandomForestRegressor,
+    ExtraTreesRegressor,
+    DecisionTreeClassifier,
+    DecisionTreeRegressor,
+    ExtraTreeClassifier,
+    ExtraTreeRegressor,
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**32 - 1),
+    n_samples=st.integers(1, 80),
+    n_features=st.integers(1, 6),
+    n_classes=st.integers(1, 4),
+    n_estimators=st.integers(1, 6),
+    max_depth=st.one_of(st.none(), st.integers(1, 6)),
+    bootstrap=st.booleans(),
+    integer_features=st.booleans(),
+)
+def test_random_forests_match(
+    kind: type,
+    seed: int,
+    n_samples: int,
+    n_features: int,
+    n_classes: int,
+    n_estimators: int,
+    max_depth: int | None,
+    bootstrap: bool,
+    integer_features: bool,
+) -> None:
+    # Hypothesis prints the drawn arguments, seed included, on failure: that replays the case.
+    rng = np.random.default_rng(seed)
+    x = features(rng, n_samples, n_features) if integer_features else rng.normal(size=(n_samples, n_features))
+    params: dict[str, Any] = {"random_state": seed % 1000, "max_depth": max_depth}
+    if kind in (RandomForestClassifier, ExtraTreesClassifier, RandomForestRegressor, ExtraTreesRegressor):
+        params.update(n_estimators=n_estimators, bootstrap=bootstrap)
+    if "Classifier" in kind.__name__:
+        y: np.ndarray[Any, Any] = rng.integers(0, n_classes, n_samples)
+    else:
+        y = rng.normal(size=n_samples) * 10.0 ** rng.integers(-3, 4)
+    estimator = kind(**params).fit(x, y)
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, seed + 1)
+    assert_same(estimator.predict(X), fn(X))
+    assert_same(estimator.predict(X[:1]), fn(X[:1]))
+
+
+# -- what is not compiled --------------------------------------------------------------------
+
+
+class MyForest(RandomForestClassifier):
+    pass
+
+
+def unsupported_cases() -> list[tuple[str, Callable[[], Any], str]]:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(60, 3))
+    y = rng.integers(0, 2, 60)
+
+    def with_feature_names() -> Any:
+        estimator = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, y)
+        estimator.feature_names_in_ = np.array(["a", "b", "c"], dtype=object)
+        return estimator
+
+    return [
+        (
+            "gradient-boosting",
+            lambda: GradientBoostingClassifier(n_estimators=3).fit(x, y),
+            "not a supported",
+        ),
+        ("logistic", lambda: LogisticRegression().fit(x, y), "not a supported"),
+        ("subclass", lambda: MyForest(n_estimators=3).fit(x, y), "not a supported"),
+        (
+            "multi-output",
+            lambda: RandomForestClassifier(n_estimators=3).fit(x, np.column_stack([y, 1 - y])),
+            "2 outputs",
+        ),
+        (
+            "multi-output-regressor",
+            lambda: DecisionTreeRegressor().fit(x, np.column_stack([x[:, 0], x[:, 1]])),
+            "2 outputs",
+        ),
+        ("unfitted-forest", lambda: RandomForestClassifier(), "not fitted"),
+        ("unfitted-tree", lambda: DecisionTreeClassifier(), "not fitted"),
+        ("feature-names", with_feature_names, "fitted with feature names"),
+        ("not-an-estimator", lambda: object(), "not a supported"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [case[1:] for case in unsupported_cases()],
+    ids=[case[0] for case in unsupported_cases()],
+)
+def test_unsupported_estimators_are_not_compiled(
+    make: Callable[[], Any], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fastserve.trees"):
+        assert compile_forest(make()) is None
+    assert len(caplog.records) == 1
+    assert caplog.records[0].name == "fastserve.trees"
+    assert reason in caplog.records[0].getMessage()
+
+
+def test_a_difference_on_the_probe_refuses_to_compile(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(60, 3))
+    estimator = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, rng.integers(0, 2, 60))
+    real = estimator.predict
+    estimator.predict = lambda X: real(X)[::-1]  # an instance attribute: what compile_forest calls
+    with caplog.at_level(logging.INFO, logger="fastserve.trees"):
+        assert compile_forest(estimator) is None
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "differs from sklearn" in record.getMessage()
+
+
+def test_a_probe_predict_that_raises_refuses_to_compile(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(8)
+    estimator = DecisionTreeClassifier().fit(rng.normal(size=(20, 2)), rng.integers(0, 2, 20))
+
+    def broken(X: Any) -> Any:
+        raise RuntimeError("boom")
+
+    estimator.predict = broken
+    with caplog.at_level(logging.INFO, logger="fastserve.trees"):
+        assert compile_forest(estimator) is None
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "boom" in record.getMessage()
+
+
+def test_no_extensions_switch_returns_none(monkeypatch: pytest.MonkeyPatch, data: Any) -> None:
+    x, rng = data
+    estimator = DecisionTreeClassifier().fit(x, rng.integers(0, 2, len(x)))
+    monkeypatch.setenv("FASTSERVE_NO_EXTENSIONS", "1")
+    assert compile_forest(estimator) is None
+
+
+def test_missing_extension_returns_none(monkeypatch: pytest.MonkeyPatch, data: Any) -> None:
+    x, rng = data
+    estimator = DecisionTreeClassifier().fit(x, rng.integers(0, 2, len(x)))
+    monkeypatch.setattr(trees, "_trees", None)
+    assert compile_forest(estimator) is None
+
+
+# -- the compiled path runs, without the GIL -------------------------------------------------
+
+
+def test_a_normal_install_has_the_compiled_module() -> None:
+    assert trees.COMPILED
+    assert trees._trees is _trees
+    assert _trees.__file__ is not None
+    assert _trees.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def test_the_compiled_path_answers_and_sklearn_only_falls_back(data: Any) -> None:
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, rng.integers(0, 3, len(x)))
+    fn = compiled(estimator)
+    assert isinstance(fn.forest, _trees.CompiledForest)
+    assert (fn.forest.n_trees, fn.forest.n_features, fn.forest.n_values) == (10, x.shape[1], 3)
+    assert fn.forest.n_nodes == sum(e.tree_.node_count for e in estimator.estimators_)
+    assert fn.forest.classifier and fn.forest.average
+    X = fresh_rows(estimator, 9)
+    expected = estimator.predict(X)
+
+    calls: list[object] = []
+    real = estimator.predict
+
+    def counting(rows: Any) -> Any:
+        calls.append(rows)
+        return real(rows)
+
+    estimator.predict = counting
+    assert_same(expected, fn(X))
+    assert calls == []
+    X[0, 0] = np.nan
+    fn(X)
+    assert len(calls) == 1 and calls[0] is X
+
+
+def test_predict_releases_the_gil() -> None:
+    """While one thread predicts, another keeps running Python: no long gap in its ticks.
+
+    Holding the GIL through the C loop would stop the ticking thread for the whole call (the
+    largest gap would be about the call's duration); released, the gaps stay near the
+    interpreter's switch interval. Calls are sized to last at least 0.2 s.
+    """
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(4000, 8))
+    estimator = ExtraTreesRegressor(n_estimators=40, random_state=0).fit(x, rng.normal(size=4000))
+    fn = compiled(estimator)
+    X = rng.normal(size=(2000, 8))
+    while True:
+        start = time.perf_counter()
+        fn(X)
+        if time.perf_counter() - start >= 0.2:
+            break
+        X = np.vstack([X, X])
+
+    def attempt() -> tuple[float, float]:
+        done = threading.Event()
+        window: list[float] = []
+
+        def work() -> None:
+            window.append(time.perf_counter())
+            fn(X)
+            window.append(time.perf_counter())
+            done.set()
+
+        worker = threading.Thread(target=work)
+        largest_gap = 0.0
+        last = time.perf_counter()
+        worker.start()
+        while not done.is_set():
+            now = time.perf_counter()
+            largest_gap = max(largest_gap, now - last)
+            last = now
+        worker.join()
+        return largest_gap, window[1] - window[0]
+
+    results = [attempt() for _ in range(3)]
+    # One clean attempt proves it: with the GIL held, every attempt has a gap near the call.
+    assert any(gap < 0.25 * duration for gap, duration in results), results
+
+
+def test_concurrent_predicts_each_match_sklearn(data: Any) -> None:
+    """Threads share one CompiledForest (it is read-only); each call has its own scratch."""
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=25, random_state=0).fit(x, rng.integers(0, 4, len(x)))
+    fn = compiled(estimator)
+    batches = [fresh_rows(estimator, seed) for seed in range(8)] * 4
+    expected = [estimator.predict(batch) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(fn, batches))
+    for want, have in zip(expected, got, strict=True):
+        assert_same(want, have)
+
+
+# -- CompiledForest's own contract -----------------------------------------------------------
+
+
+def one_split(**changes: Any) -> dict[str, Any]:
+    """A valid one-split tree (node 0 splits feature 0 at 0.5; leaves 1 and 2), with changes."""
+    arrays: dict[str, Any] = {
+        "left": [1, -1, -1],
+        "right": [2, -1, -1],
+        "feature": [0, -2, -2],
+        "threshold": [0.5, -2.0, -2.0],
+        "missing_go_to_left": [0, 0, 0],
+        "value": [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]],
+        "offsets": [0, 3],
+        "n_features": 1,
+        "classifier": True,
+        "average": False,
+    }
+    arrays.update(changes)
+    return arrays
+
+
+def build(arrays: dict[str, Any]) -> Any:
+    flags = {name: arrays.pop(name) for name in ("classifier", "average")}
+    return _trees.CompiledForest(*arrays.values(), **flags)
+
+
+def test_compiled_forest_predicts_a_hand_built_tree() -> None:
+    forest = build(one_split())
+    X = np.array([[0.5], [np.nextafter(np.float32(0.5), np.float32(1.0))], [-1e30]])
+    assert forest.predict(X).tolist() == [0, 1, 0]
+    assert forest.predict(np.zeros((0, 1))) is None
+    assert forest.predict(np.array([[np.nan]])) is None
+    with pytest.raises(ValueError, match="X has 2 features, expected 1"):
+        forest.predict(np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"left": [0, -1, -1]}, "node 0: a child must come after its parent"),
+        ({"right": [3, -1, -1]}, "node 0: a child must come after its parent"),
+        ({"left": [2, -1, 1]}, "node 2: a child must come after its parent"),
+        ({"feature": [1, -2, -2]}, "node 0: feature 1 is out of range"),
+        ({"feature": [-1, -2, -2]}, "node 0: feature -1 is out of range"),
+        ({"offsets": [0, 2]}, "offsets must start at 0 and end at the number of nodes"),
+        ({"offsets": [0, 3, 3], "average": True}, "tree 1 has no nodes"),
+        ({"offsets": [0, 1, 3], "average": True}, "node 0: a child must come after its parent"),
+        ({"offsets": [3]}, "at least one tree"),
+        ({"offsets": [0, 1, 3]}, "only a forest"),
+        ({"threshold": [0.5, 0.0]}, "one entry per node"),
+        ({"value": [[1.0, 0.0]] * 4}, "one entry per node"),
+        ({"classifier": False}, "a regressor has one value per leaf"),
+        ({"n_features": 0}, "at least one tree, one node, one feature"),
+        (
+            {
+                "left": [],
+                "right": [],
+                "feature": [],
+                "threshold": [],
+                "missing_go_to_left": [],
+                "value": [[]],
+            },
+            "at least one tree, one node",
+        ),
+    ],
+)
+def test_compiled_forest_refuses_malformed_trees(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build(one_split(**changes))
