@@ -19,6 +19,7 @@ from sklearn.tree import DecisionTreeClassifier
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings
 from fastserve.errors import ConfigError
 from fastserve.registry import TRUSTED_TYPES, ModelEntry, Registry, version_key
+from fastserve.trees import CompiledPredict
 
 
 class RaisingModel:
@@ -139,6 +140,36 @@ def test_all_versions_load_with_their_feature_count(
         assert type(loaded.estimator) is type(original)
         np.testing.assert_array_equal(loaded.estimator.predict(x), original.predict(x))
     assert entry.servable
+
+
+def test_tree_models_are_served_through_the_compiled_predict(
+    repo: Path,
+    iris: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
+    logistic: LogisticRegression,
+    tree: DecisionTreeClassifier,
+    forest: RandomForestClassifier,
+) -> None:
+    write_skops(repo, "iris", "v1", logistic)
+    write_skops(repo, "iris", "v2", tree)
+    write_skops(repo, "iris", "v3", forest)
+    versions = load(repo)["iris"].versions
+    assert {name: v.predict_path for name, v in versions.items()} == {
+        "v1": "scikit-learn",
+        "v2": "compiled",
+        "v3": "compiled",
+    }
+    assert isinstance(versions["v3"].predict, CompiledPredict)
+    assert versions["v1"].predict == versions["v1"].estimator.predict
+    x, _ = iris
+    for loaded in versions.values():
+        np.testing.assert_array_equal(loaded.predict(x), loaded.estimator.predict(x))
+
+
+def test_compile_trees_off_serves_scikit_learns_predict(repo: Path, forest: RandomForestClassifier) -> None:
+    write_skops(repo, "iris", "v1", forest)
+    loaded = load(repo, compile_trees=False)["iris"].versions["v1"]
+    assert loaded.predict_path == "scikit-learn"
+    assert loaded.predict == loaded.estimator.predict
 
 
 def test_n_features_follows_the_training_data(

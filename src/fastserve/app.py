@@ -122,10 +122,16 @@ class Server:
         turns = Turns()
         for entry in models.values():
             for version, loaded in entry.versions.items():
-                predict = loaded.estimator.predict
                 key = (entry.name, version)
                 self.batchers[key] = Batcher(
-                    entry.name, version, predict, loaded.n_features, entry.batching, loop, self.metrics, turns
+                    entry.name,
+                    version,
+                    loaded.predict,
+                    loaded.n_features,
+                    entry.batching,
+                    loop,
+                    self.metrics,
+                    turns,
                 )
                 self.encoders[key] = PredictionEncoder(entry.name, version)
         self.models = models
@@ -514,11 +520,13 @@ def _status(server: Server) -> dict[str, Any]:
                 "state": "serving",
                 "n_features": loaded.n_features,
                 "artifact": loaded.artifact,
+                "predict": loaded.predict_path,
                 "queue_depth_rows": batcher.queue.queued_rows,
                 "batches": stats.batches,
                 "rows": stats.rows,
                 "requests": stats.requests,
                 "mean_batch_rows": round(stats.mean_batch_rows, 3),
+                "predict_seconds": round(stats.predict_seconds, 6),
                 "shed": stats.shed,
                 "expired": stats.expired,
                 "errors": stats.errors,

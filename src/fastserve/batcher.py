@@ -23,7 +23,6 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
@@ -34,13 +33,12 @@ from fastserve.codec import PredictRequest
 from fastserve.config import BatchSettings
 from fastserve.errors import BadFeatures, ModelError, QueueFull, QueueTimeout
 from fastserve.queue import FULL, Batch, RingQueue
+from fastserve.registry import Predict
 
 if TYPE_CHECKING:
     from fastserve.metrics import Metrics, VersionMeter
 
 logger = logging.getLogger("fastserve.batcher")
-
-Predict = Callable[[np.ndarray[Any, Any]], Any]
 
 # Smoothing of the measured drain rate used for Retry-After: about the last ten batches.
 _RATE_SMOOTHING = 0.1

@@ -40,6 +40,9 @@ class RepositorySettings:
     trusted_repository: bool = False
     # Extra fully-qualified type names that skops may load, beyond fastserve's own list.
     trusted_types: tuple[str, ...] = ()
+    # Serve scikit-learn tree ensembles through fastserve's compiled, GIL-free predict
+    # (fastserve.trees), checked equal to the estimator's own predict at load.
+    compile_trees: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings, override
 from fastserve.errors import ConfigError
+from fastserve.trees import compile_forest
 
 logger = logging.getLogger("fastserve.registry")
 
@@ -30,6 +32,9 @@ TRUSTED_TYPES = (
     "sklearn.tree._tree.Tree",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
 )
+
+# What the batcher calls on a batch of rows: one prediction per row.
+Predict = Callable[[np.ndarray[Any, Any]], Any]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -42,6 +47,8 @@ class LoadedVersion:
     estimator: Any
     n_features: int
     artifact: str  # file name within the version directory, for /status
+    predict: Predict  # what the batcher calls: the estimator's predict, or its compiled twin
+    predict_path: str  # which of the two, for /status: "compiled" or "scikit-learn"
 
 
 @dataclass
@@ -152,8 +159,13 @@ class Registry:
             raise ValueError("the estimator has no n_features_in_; fit it before saving")
         if not callable(getattr(estimator, "predict", None)):
             raise ValueError("the estimator has no predict method")
-        _warm_up(estimator, int(n_features))
-        return LoadedVersion(version_dir.name, estimator, int(n_features), artifact.name)
+        predict: Predict = estimator.predict
+        compiled = compile_forest(estimator) if self.settings.compile_trees else None
+        if compiled is not None:
+            predict = compiled
+        _warm_up(predict, int(n_features))
+        path = "compiled" if compiled is not None else "scikit-learn"
+        return LoadedVersion(version_dir.name, estimator, int(n_features), artifact.name, predict, path)
 
     def _describe(self, exc: BaseException) -> str:
         # Reasons go to /status: the exception's type and message, never a traceback or a path.
@@ -201,8 +213,8 @@ def _read_model_toml(model_dir: Path, root: Path) -> dict[str, Any]:
     return config
 
 
-def _warm_up(estimator: Any, n_features: int) -> None:
+def _warm_up(predict: Predict, n_features: int) -> None:
     """One predict on zeros: a model that cannot predict is found now, not on a user's request."""
-    result = np.asarray(estimator.predict(np.zeros((1, n_features))))
+    result = np.asarray(predict(np.zeros((1, n_features))))
     if result.shape[:1] != (1,):
         raise ValueError(f"warm-up predict returned shape {result.shape} for one row")
