@@ -20,13 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import models, servers
-from bench.compute_ceiling import BATCH_SIZES
+from bench.compute_ceiling import BATCH_SIZES, COMPILED, SCIKIT_LEARN
 from bench.harness import (
     RESULTS_DIR,
     HarnessError,
     Record,
     Server,
     check_predict,
+    http_get,
     measure,
     require_wrk,
     serving,
@@ -41,6 +42,7 @@ from bench.machine import (
     wait_for_quiet,
 )
 from bench.report import (
+    HTTP_CEILING,
     NOISY_PCT,
     ceiling_table,
     cpu_column,
@@ -54,8 +56,12 @@ from bench.report import (
 # fastserve-batch256: the same server with max_batch_rows=256, to show throughput rising
 # with the batch where there are enough requests in flight to fill it (c=256).
 # fastserve-nometrics: the same server with --no-metrics, to show what metrics cost.
+# fastserve-sklearn: the same server calling scikit-learn's predict, as the peers do, to show
+# what is the server's doing and what is the compiled trees' (and the server's overhead
+# against scikit-learn's ceiling).
 VARIANTS: dict[str, dict[str, object]] = {
     "fastserve": {},
+    "fastserve-sklearn": {"compile_trees": False},
     "fastserve-batch256": {"max_batch_rows": 256},
     "fastserve-nometrics": {"metrics": False},
 }
@@ -63,10 +69,14 @@ SERVERS = (*VARIANTS, "fastapi-batcher", "litserve", "http-ceiling")
 MISSING_FASTSERVE = "the `fastserve` command is not installed (pip install -e .)"
 
 
-def compute_ceiling(model: Path, seconds: float, batch_sizes: Sequence[int] = BATCH_SIZES) -> list[Record]:
-    """The compute ceiling in its own process, pinned to the servers' core."""
+def compute_ceiling(
+    model: Path, seconds: float, batch_sizes: Sequence[int] = BATCH_SIZES, predict: str = SCIKIT_LEARN
+) -> list[Record]:
+    """The compute ceiling of ``predict`` (a path, see compute_ceiling.py) in its own process,
+    pinned to the servers' core."""
     argv = pinned(SERVER_CORE, [sys.executable, "-m", "bench.compute_ceiling", str(model)])
     argv += ["--seconds", str(seconds), "--batch-sizes", ",".join(map(str, batch_sizes))]
+    argv += ["--predict", predict]
     env = {**os.environ, **SINGLE_THREAD_ENV}
     timeout = 120 + 30 * seconds
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=True)
@@ -108,8 +118,21 @@ def _ceiling_beside(result: Record, args: argparse.Namespace) -> Record:
     if not batch or args.model_path is None:
         return {}
     size = max(1, round(batch))
-    (point,) = compute_ceiling(args.model_path, args.ceiling_seconds, [size])
+    (point,) = compute_ceiling(args.model_path, args.ceiling_seconds, [size], result["predict"])
     return {"ceiling_beside": {"batch_rows": size, "rows_per_s": point["rows_per_s"]}}
+
+
+def predict_path(server: Server) -> str:
+    """Which predict the server runs: fastserve says on /status; the peers call scikit-learn's."""
+    if server.name == HTTP_CEILING:
+        return "none"
+    if server.status_path is None:
+        return SCIKIT_LEARN
+    status, text = http_get(server.url(server.status_path))
+    if status != 200:
+        raise HarnessError(f"{server.name}: GET {server.status_path} answered {status}")
+    path: str = json.loads(text)["models"]["digits"]["versions"]["v1"]["predict"]
+    return path
 
 
 def run_server(
@@ -120,8 +143,10 @@ def run_server(
     try:
         with serving(server, log_dir) as proc:
             sample = check_predict(server, body.read_bytes())
+            predict = predict_path(server)
             for connections in args.concurrency:
                 result = measure_clean(server, proc, connections, args, body)
+                result["predict"] = predict
                 result.update(_ceiling_beside(result, args))
                 runs.append(record({"kind": "http", "suite": args.suite, "sample": sample, **result}))
                 lat, batch = result["latency_us"], result["mean_batch_rows"] or "n/a"
@@ -197,20 +222,23 @@ def main(argv: list[str] | None = None) -> int:
         f"wrk -t1, {args.duration} s per run after {args.warmup} s warm-up, server on core 0, wrk on core 1"
     )
 
-    print("\ncompute ceiling, RF-300 (core 0, no HTTP):", flush=True)
     wait_for_quiet(args.quiet_wait)
     calibration = recorder.add({"kind": "calibration", "calibration_ms": calibrate()})["calibration_ms"]
     args.reference_ms = calibration
-    ceiling = [
-        recorder.add({"suite": "rf300", **r})
-        for r in compute_ceiling(models.model_path("rf300"), args.ceiling_seconds)
-    ]
-    print(ceiling_table(ceiling))
-    report += [
-        "## Compute ceiling, RF-300 (predict on full batches, one core)\n",
-        ceiling_table(ceiling),
-        f"\nCore-0 calibration just before: {calibration:.0f} ms.\n",
-    ]
+    ceilings: dict[str, list[Record]] = {}
+    for predict in (SCIKIT_LEARN, COMPILED):
+        print(f"\ncompute ceiling, RF-300, {predict} predict (core 0, no HTTP):", flush=True)
+        ceilings[predict] = [
+            recorder.add({"suite": "rf300", **r})
+            for r in compute_ceiling(models.model_path("rf300"), args.ceiling_seconds, predict=predict)
+        ]
+        print(ceiling_table(ceilings[predict]))
+        report += [
+            f"## Compute ceiling, RF-300, {predict} predict (full batches, one core)\n",
+            ceiling_table(ceilings[predict]),
+            "",
+        ]
+    report.append(f"Core-0 calibration just before: {calibration:.0f} ms.\n")
 
     args.suite, args.model_path = "rf300", models.model_path("rf300")
     print("\nRF-300 (digits v1), one JSON row per request:", flush=True)
@@ -221,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {server}", flush=True)
             continue
         runs += run_server(server, args, body, work, recorder.add)
-    report += [f"## RF-300 (digits v1), one JSON row per request\n\n{settings}.", http_table(runs, ceiling)]
+    report += [f"## RF-300 (digits v1), one JSON row per request\n\n{settings}.", http_table(runs, ceilings)]
     report.append("")
     png = None
     if runs:
@@ -230,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_trivial and {"fastserve", "http-ceiling"} & set(names):
         args.suite, args.model_path = "logreg", models.model_path("logreg")
         print("\ntrivial model (LogisticRegression): fastserve against the HTTP ceiling:", flush=True)
-        trivial_ceiling = [
-            recorder.add({"suite": "logreg", **r})
-            for r in compute_ceiling(models.model_path("logreg"), args.ceiling_seconds)
-        ]
+        trivial_ceiling = {
+            SCIKIT_LEARN: [
+                recorder.add({"suite": "logreg", **r})
+                for r in compute_ceiling(models.model_path("logreg"), args.ceiling_seconds)
+            ]
+        }
         # The HTTP ceiling has no model: its RF-300 runs are its trivial-model runs too.
         trivial = [{**r, "suite": "logreg"} for r in runs if r["server"] == "http-ceiling"]
         trivial_servers = [n for n in names if n in ("fastserve", "fastserve-nometrics")]

@@ -5,7 +5,12 @@ the result is rows/s and seconds per call. No server can predict faster than thi
 core, so a server's RPS over the ceiling *at the batch size it achieved* is the share of
 the core it spends on the model.
 
+There are two ceilings for a tree ensemble: scikit-learn's own ``predict`` (what the peers
+call) and fastserve's compiled predict (``fastserve.trees``, what fastserve serves it with).
+Each server is compared with the ceiling of the predict it runs.
+
     taskset -c 0 python -m bench.compute_ceiling bench/results/models/rf300.skops --seconds 2
+    taskset -c 0 python -m bench.compute_ceiling bench/results/models/rf300.skops --predict compiled
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,9 +27,26 @@ import numpy as np
 from bench.harness import Record
 
 BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256)
+SCIKIT_LEARN, COMPILED = "scikit-learn", "compiled"  # the names fastserve's /status gives them
 
 
-def measure(model: Any, batch_sizes: Sequence[int] = BATCH_SIZES, seconds: float = 2.0) -> list[Record]:
+def predict_function(model: Any, path: str) -> Callable[[np.ndarray[Any, Any]], Any]:
+    """The model's ``predict`` by ``path``; ``compiled`` fails where fastserve would not compile it."""
+    if path == SCIKIT_LEARN:
+        return model.predict  # type: ignore[no-any-return]
+    from fastserve.trees import compile_forest
+
+    compiled = compile_forest(model)
+    if compiled is None:
+        raise SystemExit(f"fastserve does not compile a {type(model).__name__}")
+    return compiled
+
+
+def measure(
+    predict: Callable[[np.ndarray[Any, Any]], Any],
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    seconds: float = 2.0,
+) -> list[Record]:
     """rows/s and seconds per ``predict`` call for each batch size, ``seconds`` of calls each (at least 3)."""
     from sklearn.datasets import load_digits
 
@@ -32,12 +54,12 @@ def measure(model: Any, batch_sizes: Sequence[int] = BATCH_SIZES, seconds: float
     results = []
     for size in batch_sizes:
         x = np.ascontiguousarray(np.resize(data, (size, data.shape[1])))
-        model.predict(x)  # warm-up: first-call allocations
+        predict(x)  # warm-up: first-call allocations
         calls: list[float] = []
         deadline = time.perf_counter() + seconds
         while len(calls) < 3 or time.perf_counter() < deadline:
             start = time.perf_counter()
-            model.predict(x)
+            predict(x)
             calls.append(time.perf_counter() - start)
         total = sum(calls)
         results.append(
@@ -70,10 +92,12 @@ def main() -> None:
     parser.add_argument("model", help="a .skops file")
     parser.add_argument("--seconds", type=float, default=2.0, help="per batch size")
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
+    parser.add_argument("--predict", choices=(SCIKIT_LEARN, COMPILED), default=SCIKIT_LEARN)
     args = parser.parse_args()
-    model = load(args.model)
-    for row in measure(model, [int(s) for s in args.batch_sizes.split(",")], args.seconds):
-        print(json.dumps({"kind": "compute_ceiling", "model": args.model, **row}), flush=True)
+    predict = predict_function(load(args.model), args.predict)
+    for row in measure(predict, [int(s) for s in args.batch_sizes.split(",")], args.seconds):
+        record = {"kind": "compute_ceiling", "model": args.model, "predict": args.predict, **row}
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,18 @@ def require_wrk() -> str:
     if wrk is None:
         raise HarnessError("wrk is not installed: apt-get install wrk (Debian, Ubuntu) or brew install wrk")
     return wrk
+
+
+H2LOAD_MISSING = (
+    "h2load is not installed: apt-get install nghttp2-client (Debian, Ubuntu) or brew install nghttp2"
+)
+
+
+def require_h2load() -> str:
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        raise HarnessError(H2LOAD_MISSING)
+    return h2load
 
 
 # --- processes -------------------------------------------------------------------------
@@ -284,6 +298,74 @@ def run_wrk(
     return result
 
 
+_MAX_CLIENTS = 512
+
+
+def run_h2load(url: str, rate: float, duration_s: int, body_file: Path, log_file: Path) -> dict[str, Any]:
+    """An open load at ``rate`` requests/s: h2load on the client core, one thread, HTTP/1.1.
+
+    wrk keeps each connection busy back to back (a closed loop): under overload its latency
+    is connections / throughput whatever the server does. h2load's ``--rps`` paces each
+    connection instead, so a slow answer does not slow the offered load while each
+    connection waits longer between requests than the server takes to answer. Every
+    request's status and time come back (``--log-file``), so accepted and refused requests
+    are timed apart.
+
+    h2load starts every connection's pacing timer at the moment it connects: connections
+    opened together send together, in bursts of hundreds within a millisecond. So they are
+    opened a few per millisecond (``-r``, ``--rate-period 1ms``) across one pacing interval,
+    which spreads their sends over it. ``-r`` rules out ``-D``: the run is ``rate *
+    duration_s`` requests instead (``-n``). At most ``_MAX_CLIENTS`` connections: more
+    overflow Granian's listen backlog (1024) and wait on SYN retries. ``sent_rps`` says
+    what rate h2load really offered: once answers take longer than the pacing interval,
+    it falls below ``offered_rps``.
+    """
+    clients = min(_MAX_CLIENTS, max(16, math.ceil(rate / 10)))
+    per_client = rate / clients
+    per_ms = math.ceil(clients * per_client / 1000)  # opened in one pacing interval (1 / per_client s)
+    argv = pinned(CLIENT_CORE, [
+        require_h2load(), "--h1", "-t1", f"-c{clients}", f"-r{per_ms}", "--rate-period=1ms",
+        f"--rps={per_client:.3f}", f"-n{math.ceil(rate * duration_s)}", f"--log-file={log_file}",
+        "-d", str(body_file), "-H", "content-type: application/json", url,
+    ])  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=10 * duration_s + 60)
+    summary = re.search(
+        r"finished in ([\d.]+)s.*requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+        r"(\d+) failed, (\d+) errored, (\d+) timeout",
+        done.stdout,
+        re.DOTALL,
+    )
+    if done.returncode != 0 or summary is None:
+        raise HarnessError(f"h2load failed (exit {done.returncode}): {(done.stdout + done.stderr)[-500:]}")
+    seconds = float(summary.group(1))
+    _, started, finished, _, _, errored, timeouts = (int(n) for n in summary.groups()[1:])
+    times: dict[int, list[float]] = {}
+    for line in log_file.read_text().splitlines():
+        _, status, micros = line.split("\t")[:3]
+        times.setdefault(int(status), []).append(int(micros) / 1000)
+    return {
+        "clients": clients,
+        "offered_rps": round(rate, 1),
+        "sent_rps": round(started / seconds, 1),
+        "seconds": seconds,
+        "statuses": {str(s): len(t) for s, t in sorted(times.items())},
+        "latency_ms": {str(s): _percentiles(t) for s, t in sorted(times.items())},
+        "errored": errored,
+        "timeouts": timeouts,
+        # Started and never finished: h2load had no answer for them when it stopped.
+        "unanswered": started - finished,
+    }
+
+
+_QUANTILES = (("p50", 0.50), ("p99", 0.99), ("max", 1.0))
+
+
+def _percentiles(times_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(times_ms)
+    at = {name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for name, q in _QUANTILES}
+    return {"count": len(ordered), **{name: round(v, 2) for name, v in at.items()}}
+
+
 def batch_totals(server: Server) -> tuple[float, float] | None:
     """(rows, batches) predicted so far, from ``/metrics`` or the stats file; None when unknown."""
     if server.stats_file is not None:
@@ -336,7 +418,6 @@ def measure(
     duration_s: int,
     body_file: Path,
     warmup_s: int = 1,
-    client_pids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """One load run against a ready server: wrk's figures, mean batch rows, and the noise.
 
@@ -346,7 +427,6 @@ def measure(
     server, wrk nor this process used, in percent of that CPU: other work on a shared
     machine. On the server's core it is time taken from the server; on wrk's core it is
     mostly time wrk left idle (wrk runs at a higher priority). Interrupt time is left out.
-    ``client_pids`` are other client processes of ours on the client core (the probe).
     """
     url = server.url(server.predict_path)
     calibration_before = calibrate()
@@ -354,14 +434,14 @@ def measure(
         run_wrk(url, connections, warmup_s, body_file)
     before_batches = batch_totals(server)
     family = [proc.pid, *descendants(proc.pid)]
-    server_before, self_before = tree_ticks(family), tree_ticks([os.getpid(), *client_pids])
+    server_before, self_before = tree_ticks(family), tree_ticks([os.getpid()])
     wrk_before = children_cpu_s()
     busy_before, load_before = busy_ticks(), os.getloadavg()[0]
     result = run_wrk(url, connections, duration_s, body_file)
     busy = {cpu: ticks - busy_before.get(cpu, 0) for cpu, ticks in busy_ticks().items()}
     wrk_ticks = (children_cpu_s() - wrk_before) * HZ
     server_ticks = tree_ticks(family) - server_before
-    self_ticks = tree_ticks([os.getpid(), *client_pids]) - self_before
+    self_ticks = tree_ticks([os.getpid()]) - self_before
     seconds = result["duration_us"] / 1e6
     # The server is pinned to its core and wrk to its own; this process is not pinned but
     # mostly asleep, so its (small) time is charged to the client core.

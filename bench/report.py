@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from bench.compute_ceiling import rows_per_s_at
+from bench.compute_ceiling import SCIKIT_LEARN, rows_per_s_at
 from bench.harness import Record
 from bench.machine import SERVER_CORE, SLOW_FACTOR, machine_info
 
@@ -69,38 +69,46 @@ def _ratio(value: float, base: float | None, percent: bool = False) -> str:
     return f"{100 * value / base:.0f}%" if percent else f"{value / base:.2f}×"
 
 
-def http_table(runs: Sequence[Record], ceiling: Sequence[Record] | None) -> str:
+def http_table(runs: Sequence[Record], ceilings: Mapping[str, Sequence[Record]]) -> str:
     """One markdown table per concurrency, fastest first, with the ratio columns.
 
     The compute-ceiling share compares a server's RPS (one row per request) with the
-    ceiling's rows/s at the mean batch size that server achieved in that run: measured
-    right after the run where the harness did (``ceiling_beside``, same phase of the
-    machine), else interpolated from the ceiling measured at the start.
+    ceiling of the predict it runs (``ceilings`` by path: scikit-learn's or fastserve's
+    compiled one) in rows/s at the mean batch size that server achieved in that run:
+    measured right after the run where the harness did (``ceiling_beside``, same phase of
+    the machine), else interpolated from the ceiling measured at the start. The last share
+    is of the lower of the two ceilings, HTTP and compute: what the run could have reached.
     """
     out = []
     for connections in sorted({r["connections"] for r in runs}):
         rows = sorted((r for r in runs if r["connections"] == connections), key=lambda r: -r["rps"])
         by_name = {r["server"]: r["rps"] for r in rows}
+        http = by_name.get(HTTP_CEILING)
         out.append(
             f"\nConcurrency {connections}:\n\n"
-            "| server | RPS | p50 ms | p99 ms | mean batch | vs FastAPI | vs LitServe | of HTTP ceiling "
-            "| of compute ceiling @batch | non-2xx | socket errors | CPU % server / wrk / others |\n"
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+            "| server | predict | RPS | p50 ms | p99 ms | mean batch | vs FastAPI | vs LitServe "
+            "| of HTTP ceiling | of compute ceiling @batch | of the lower ceiling | non-2xx | socket errors "
+            "| CPU % server / wrk / others |\n"
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
         )
         for r in rows:
             batch = r.get("mean_batch_rows")
             beside = r.get("ceiling_beside")
+            ceiling = ceilings.get(r.get("predict", SCIKIT_LEARN))
             if beside:
                 compute = beside["rows_per_s"]
             else:
                 compute = rows_per_s_at(ceiling, batch) if ceiling and batch else None
+            lower = min((c for c in (http, compute) if c), default=None)
             lat = r["latency_us"]
             out.append(
-                f"| {r['server']} | {r['rps']:,.0f} | {_ms(lat['p50'])} | {_ms(lat['p99'])} "
+                f"| {r['server']} | {r.get('predict', 'n/a')} | {r['rps']:,.0f} "
+                f"| {_ms(lat['p50'])} | {_ms(lat['p99'])} "
                 f"| {'n/a' if batch is None else f'{batch:.1f}'} "
                 f"| {_ratio(r['rps'], by_name.get(FASTAPI))} | {_ratio(r['rps'], by_name.get(LITSERVE))} "
-                f"| {_ratio(r['rps'], by_name.get(HTTP_CEILING), percent=True)} "
+                f"| {_ratio(r['rps'], http, percent=True)} "
                 f"| {_ratio(r['rps'], compute, percent=True)} "
+                f"| {_ratio(r['rps'], lower, percent=True)} "
                 f"| {sum(r['non_2xx'].values()) or ''} | {r['socket_errors'] or ''} "
                 f"| {cpu_column(r)} |"
             )

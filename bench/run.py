@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 from bench import models, servers
 from bench.harness import (
+    H2LOAD_MISSING,
     RESULTS_DIR,
     HarnessError,
     Server,
@@ -33,14 +35,13 @@ from bench.harness import (
     http_post,
     measure,
     require_wrk,
+    run_h2load,
     serving,
     write_bodies,
     write_body,
 )
 from bench.machine import (
-    CLIENT_CORE,
     calibrate,
-    pinned,
     wait_for_quiet,
 )
 from bench.report import Recorder, calibration_note, cpu_column, machine_header, start_session, table
@@ -218,73 +219,98 @@ def shadow(args: argparse.Namespace, _body: Path, recorder: Recorder) -> str:
 
 
 def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
-    """A small queue under 4x the load it can hold: what is accepted, shed, and how fast.
+    """A small queue under an open load at 4x the server's capacity: accepted, shed, how fast, lost.
 
-    Capacity is what the server can hold at once: a batch in predict plus a full queue
-    (``max_batch_rows + max_queue_depth`` one-row requests); wrk keeps 4x that many
-    connections busy. wrk's latency histogram mixes 200s and 429s, so the probe
-    (``bench/probe.py``, on wrk's core) times them apart.
+    Capacity is the server's throughput, measured first on the same server with wrk at
+    ``--connections``. h2load then offers 4x that rate at a steady pace (see ``run_h2load``)
+    and times every request by status. The batch service time is the mean predict time
+    per batch during the overload (``/status``). Run once per predict path: through
+    scikit-learn's predict RF-300 is the bottleneck, the case load shedding is for; compiled,
+    the model is no longer the bottleneck and 4x capacity is 4x what HTTP can carry.
     """
     depth, batch = args.overload_queue_depth, 64
-    connections = 4 * (depth + batch)
-    server = _server(args, f"{args.target}-overload", max_queue_depth=depth, max_batch_rows=batch)
-    probe_s = max(1, args.duration - 1)
-    probe_argv = pinned(CLIENT_CORE, [sys.executable, "-m", "bench.probe"])
-    probe_argv += ["127.0.0.1", str(server.port), server.predict_path, str(body)]
-    probe_argv += ["--seconds", str(probe_s), "--delay", str(args.warmup + 0.5)]
-    with serving(server, args.work) as proc:
-        check_predict(server, body.read_bytes())
-        wait_for_quiet(args.quiet_wait, args.reference_ms)
-        probe = subprocess.Popen(probe_argv, stdout=subprocess.PIPE, text=True)
-        try:
-            result = measure(server, proc, connections, args.duration, body, args.warmup, [probe.pid])
-            out, _ = probe.communicate(timeout=args.warmup + probe_s + 30)
-        finally:
-            if probe.poll() is None:
-                probe.kill()
-                probe.wait(10)
-    probed = next((json.loads(x[11:]) for x in out.splitlines() if x.startswith("PROBE_JSON ")), None)
-    if probed is None:
-        raise HarnessError("the probe gave no result")
-    statuses = {int(s): n for s, n in result["statuses"].items()}
-    accepted = sum(n for s, n in statuses.items() if 200 <= s < 300)
-    shed = statuses.get(429, 0)
-    lost = sum(n for s, n in statuses.items() if not (200 <= s < 300 or s == 429))
-    lost += result["socket_errors"] + probed["errors"]
-    ok_probe, shed_probe = probed["statuses"].get("200"), probed["statuses"].get("429")
-    record = recorder.add(
-        {
-            "kind": "scenario",
-            "scenario": "overload",
-            "max_queue_depth": depth,
-            "max_batch_rows": batch,
-            "accepted": accepted,
-            "shed": shed,
-            "lost": lost,
-            "accepted_p99_ms": ok_probe and ok_probe["p99_ms"],
-            "time_to_429_p99_ms": shed_probe and shed_probe["p99_ms"],
-            "probe": probed,
-            **result,
-        }
+    sections = []
+    for compiled in (False, True):
+        path = "compiled" if compiled else "scikit-learn"
+        name = f"{args.target}-overload-{path}"
+        if args.target == "fastserve":
+            server = _server(args, name, max_queue_depth=depth, max_batch_rows=batch, compile_trees=compiled)
+        elif compiled:
+            continue  # the baseline has scikit-learn's predict only
+        else:
+            server = _server(args, name, max_queue_depth=depth, max_batch_rows=batch)
+        with serving(server, args.work) as proc:
+            check_predict(server, body.read_bytes())
+            wait_for_quiet(args.quiet_wait, args.reference_ms)
+            capacity = measure(server, proc, args.connections, args.duration, body, args.warmup)
+            before = _predict_totals(server)
+            rate = 4 * capacity["rps"]
+            log_file = args.work / f"{name}.h2load.tsv"
+            result = run_h2load(server.url(server.predict_path), rate, args.duration, body, log_file)
+            after = _predict_totals(server)
+        statuses = {int(s): n for s, n in result["statuses"].items()}
+        accepted, shed = statuses.get(200, 0), statuses.get(429, 0)
+        lost = sum(n for s, n in statuses.items() if s not in (200, 429))
+        lost += result["errored"] + result["timeouts"] + result["unanswered"]
+        batch_s = _per_batch(before, after)
+        accepted_p99 = result["latency_ms"].get("200", {}).get("p99")
+        shed_p99 = result["latency_ms"].get("429", {}).get("p99")
+        recorder.add(
+            {
+                "kind": "scenario",
+                "scenario": "overload",
+                "predict": path,
+                "max_queue_depth": depth,
+                "max_batch_rows": batch,
+                "capacity_rps": capacity["rps"],
+                "accepted": accepted,
+                "shed": shed,
+                "lost": lost,
+                "batch_service_ms": batch_s and round(batch_s * 1000, 2),
+                "accepted_p99_ms": accepted_p99,
+                "time_to_429_p99_ms": shed_p99,
+                "capacity_run": capacity,
+                **result,
+            }
+        )
+        seconds = result["seconds"]
+        rows = [
+            (f"capacity (wrk, {args.connections} connections)", f"{capacity['rps']:,.0f}/s"),
+            ("offered (4 × capacity) / sent", f"{rate:,.0f}/s / {result['sent_rps']:,.0f}/s"),
+            ("accepted (200)", f"{accepted:,} ({accepted / seconds:,.0f}/s)"),
+            ("shed (429)", f"{shed:,} ({shed / seconds:,.0f}/s)"),
+            ("lost (other statuses, errors, timeouts, no answer)", lost),
+            ("batch service time, ms (mean predict per batch)", batch_s and f"{batch_s * 1000:.2f}"),
+            ("p99 of accepted, ms (target ≤ 3 × batch service time)", accepted_p99),
+            ("p99 time-to-429, ms (target < 5)", shed_p99),
+            ("p50 of accepted / of 429s, ms", _p50s(result)),
+        ]
+        title = f"### {path} predict ({result['clients']} h2load connections)"
+        sections.append(f"{title}\n\n" + table(("figure", "value"), rows))
+    header = f"## 4. Overload, max_queue_depth={depth}, max_batch_rows={batch}, open load at 4× capacity\n\n"
+    return header + "\n\n".join(sections)
+
+
+def _predict_totals(server: Server) -> tuple[float, float] | None:
+    """(predict seconds, batches) so far across the model's versions; None for a server without /status."""
+    if server.status_path is None:
+        return None
+    versions = _digits_status(server)["versions"].values()
+    return (
+        sum(v.get("predict_seconds", 0.0) for v in versions),
+        float(sum(v.get("batches", 0) for v in versions)),
     )
-    header = ("figure", "value")
-    rows = [
-        ("connections (4 × (queue depth + batch))", connections),
-        ("accepted (2xx)", f"{accepted:,} ({record['rps']:,.0f}/s)"),
-        ("shed (429)", f"{shed:,}"),
-        ("lost (other statuses, socket errors, timeouts)", lost),
-        ("p99 of accepted, ms (probe)", ok_probe and f"{ok_probe['p99_ms']:.2f}"),
-        ("p99 time-to-429, ms (probe)", shed_probe and f"{shed_probe['p99_ms']:.2f}"),
-        ("p99 of all responses, ms (wrk, 200s and 429s mixed)", _ms(result["latency_us"]["p99"])),
-        (
-            "probe samples (200 / 429)",
-            f"{ok_probe and ok_probe['count']} / {shed_probe and shed_probe['count']}",
-        ),
-        ("mean batch rows", result["mean_batch_rows"]),
-        ("CPU % server / wrk / others on the server's core", cpu_column(result)),
-        ("core-0 calibration, ms (slower of before and after)", result["calibration_ms"]),
-    ]
-    return f"## 4. Overload, max_queue_depth={depth}, max_batch_rows={batch}\n\n" + table(header, rows)
+
+
+def _per_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def _p50s(result: dict[str, Any]) -> str:
+    latency = result["latency_ms"]
+    return " / ".join(str(latency.get(code, {}).get("p50", "n/a")) for code in ("200", "429"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         ("overload", overload),
     ):
         if name not in chosen:
+            continue
+        if name == "overload" and shutil.which("h2load") is None:
+            recorder.add({"kind": "skipped", "scenario": name, "reason": H2LOAD_MISSING})
+            report.append(f"## {name}: skipped, {H2LOAD_MISSING}\n")
             continue
         if name in ("canary", "shadow") and args.target != "fastserve":
             recorder.add({"kind": "skipped", "scenario": name, "reason": FASTSERVE_ONLY})
