@@ -136,6 +136,28 @@ def test_no_window_means_no_wait() -> None:
     run(scenario)
 
 
+@pytest.mark.parametrize("predict_s", [0.0, 0.06], ids=["fast-model", "slow-model"])
+def test_the_window_never_outlasts_the_models_predict(predict_s: float) -> None:
+    model = SpinningModel(predict_s, computes=False)
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=8, batch_window_ms=40)
+        assert batcher.window_s() == 0.04  # no predict measured yet: the configured window
+        await batcher.admit(row(0))
+        started = time.monotonic()
+        assert await batcher.admit(row(1)) == [1.0]
+        waited = time.monotonic() - started
+        if predict_s:  # a 60 ms predict: waiting 40 ms for company can pay, and still does
+            assert batcher.window_s() == 0.04
+            assert waited >= 0.035 + predict_s
+        else:  # a predict of microseconds: a 40 ms wait could never pay
+            assert batcher.window_s() < 0.005
+            assert waited < 0.03
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
 def test_one_thread_hop_per_batch() -> None:
     model = RecordingModel()
 

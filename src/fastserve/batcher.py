@@ -12,7 +12,9 @@ they keep coming: it goes once ``batch_window_ms`` pass with no new request, and
 latest ``max_batch_delay_ms`` after the model became free. At low load a lone request pays
 one window for batching; under load the batch fills, because a full batch costs the model
 no more than a small one and the event loop needs time to take in a batch's worth of
-requests.
+requests. The window never outlasts the model's own predict: a model that answers in less
+time than the window would have predicted the batch already, with the newcomers queuing for
+the next one.
 """
 
 from __future__ import annotations
@@ -226,7 +228,19 @@ class Batcher:
             self._dispatch()
         elif queued and not self._wait_for_turn() and self._timer is None:
             self._window_ends = time.monotonic() + self._max_delay_s
-            self._timer = self._loop.call_later(self._window_s, self._on_timer)
+            self._timer = self._loop.call_later(self.window_s(), self._on_timer)
+
+    def window_s(self) -> float:
+        """How long a partial batch waits for the next request: ``batch_window_ms``, but never
+        longer than this version's usual predict. Waiting longer than a predict takes cannot
+        pay: the batch could have been predicted in that time, and the requests that came
+        meanwhile would make up the next batch. For RF-300 on scikit-learn (27 ms a call) the
+        2 ms window holds; for a compiled forest or a linear model (well under a millisecond)
+        it shrinks to the predict, and a closed loop of 16 clients no longer idles the core
+        for 2 ms after its 16th request."""
+        if self._predict_s:
+            return min(self._window_s, self._predict_s)
+        return self._window_s  # no predict measured yet
 
     def _wait_for_turn(self) -> bool:
         """Whether this partial batch waits for another version's computing predict (see Turns)."""
@@ -259,7 +273,7 @@ class Batcher:
         if self._busy:
             return
         now = time.monotonic()
-        next_check = min(self._last_commit_s + self._window_s, self._window_ends)
+        next_check = min(self._last_commit_s + self.window_s(), self._window_ends)
         if next_check > now:
             self._timer = self._loop.call_later(next_check - now, self._on_timer)
         elif not self._wait_for_turn():

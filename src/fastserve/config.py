@@ -50,8 +50,9 @@ class BatchSettings:
     """Dynamic batching and admission for one (model, version); model.toml may override."""
 
     max_batch_rows: int = 64
-    # A batch that is not full waits this long for the next request to join it; every
-    # arrival restarts the wait, up to max_batch_delay_ms from the moment the model is free.
+    # A batch that is not full waits this long for the next request to join it (at most the
+    # model's usual predict time); every arrival restarts the wait, up to max_batch_delay_ms
+    # from the moment the model is free.
     batch_window_ms: float = 2.0
     max_batch_delay_ms: float = 10.0
     max_queue_depth: int = 1024
