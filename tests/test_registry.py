@@ -116,22 +116,26 @@ def load(
 # --- loading what is there ----------------------------------------------------------------------
 
 
+@pytest.fixture
+def three_versions(
+    repo: Path, logistic: LogisticRegression, tree: DecisionTreeClassifier, forest: RandomForestClassifier
+) -> dict[str, Any]:
+    """iris v1 (linear), v2 (one tree) and v3 (a forest), written to the repository."""
+    versions = {"v1": logistic, "v2": tree, "v3": forest}
+    for name, estimator in versions.items():
+        write_skops(repo, "iris", name, estimator)
+    return versions
+
+
 def test_all_versions_load_with_their_feature_count(
-    repo: Path,
-    iris: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
-    logistic: LogisticRegression,
-    tree: DecisionTreeClassifier,
-    forest: RandomForestClassifier,
+    repo: Path, iris: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]], three_versions: dict[str, Any]
 ) -> None:
-    write_skops(repo, "iris", "v1", logistic)
-    write_skops(repo, "iris", "v2", tree)
-    write_skops(repo, "iris", "v3", forest)
     entry = load(repo)["iris"]
     assert entry.name == "iris"
     assert entry.failed == {}
     assert list(entry.versions) == ["v1", "v2", "v3"]
     x, _ = iris
-    for name, original in {"v1": logistic, "v2": tree, "v3": forest}.items():
+    for name, original in three_versions.items():
         loaded = entry.versions[name]
         assert loaded.version == name
         assert loaded.n_features == 4
@@ -143,15 +147,8 @@ def test_all_versions_load_with_their_feature_count(
 
 
 def test_tree_models_are_served_through_the_compiled_predict(
-    repo: Path,
-    iris: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
-    logistic: LogisticRegression,
-    tree: DecisionTreeClassifier,
-    forest: RandomForestClassifier,
+    repo: Path, iris: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]], three_versions: dict[str, Any]
 ) -> None:
-    write_skops(repo, "iris", "v1", logistic)
-    write_skops(repo, "iris", "v2", tree)
-    write_skops(repo, "iris", "v3", forest)
     versions = load(repo)["iris"].versions
     assert {name: v.predict_path for name, v in versions.items()} == {
         "v1": "scikit-learn",
