@@ -27,7 +27,7 @@ from bench.harness import (
     Record,
     Server,
     check_predict,
-    http_get,
+    digits_status,
     measure,
     require_wrk,
     serving,
@@ -128,10 +128,7 @@ def predict_path(server: Server) -> str:
         return "none"
     if server.status_path is None:
         return SCIKIT_LEARN
-    status, text = http_get(server.url(server.status_path))
-    if status != 200:
-        raise HarnessError(f"{server.name}: GET {server.status_path} answered {status}")
-    path: str = json.loads(text)["models"]["digits"]["versions"]["v1"]["predict"]
+    path: str = digits_status(server)["versions"]["v1"]["predict"]
     return path
 
 

@@ -405,10 +405,21 @@ def _status_totals(server: Server) -> tuple[float, float] | None:
         return None
 
 
-def _mean_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+def per_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """How much a (total, batches) reading grew per batch between two readings; None if no batch ran."""
     if before is None or after is None or after[1] <= before[1]:
         return None
-    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def digits_status(server: Server) -> dict[str, Any]:
+    """The ``digits`` model's part of fastserve's ``/status`` (versions, aliases, counts)."""
+    assert server.status_path is not None
+    status, text = http_get(server.url(server.status_path))
+    if status != 200:
+        raise HarnessError(f"{server.name}: GET {server.status_path} answered {status}")
+    digits: dict[str, Any] = json.loads(text)["models"]["digits"]
+    return digits
 
 
 def measure(
@@ -442,6 +453,7 @@ def measure(
     wrk_ticks = (children_cpu_s() - wrk_before) * HZ
     server_ticks = tree_ticks(family) - server_before
     self_ticks = tree_ticks([os.getpid()]) - self_before
+    mean_batch = per_batch(before_batches, batch_totals(server))
     seconds = result["duration_us"] / 1e6
     # The server is pinned to its core and wrk to its own; this process is not pinned but
     # mostly asleep, so its (small) time is charged to the client core.
@@ -452,7 +464,7 @@ def measure(
         server=server.name,
         connections=connections,
         duration_s=duration_s,
-        mean_batch_rows=_mean_batch(before_batches, batch_totals(server)),
+        mean_batch_rows=None if mean_batch is None else round(mean_batch, 2),
         calibration_ms=max(calibration_before, calibrate()),
         server_cpu_pct=round(server_ticks * pct, 1),
         wrk_cpu_pct=round(wrk_ticks * pct, 1),

@@ -25,15 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import models, servers
+from bench.compute_ceiling import COMPILED, SCIKIT_LEARN
 from bench.harness import (
     H2LOAD_MISSING,
     RESULTS_DIR,
     HarnessError,
     Server,
     check_predict,
-    http_get,
+    digits_status,
     http_post,
     measure,
+    per_batch,
     require_wrk,
     run_h2load,
     serving,
@@ -120,14 +122,6 @@ def _deploy(server: Server, auth: dict[str, str], **action: object) -> None:
         raise HarnessError(f"POST /deploy/digits {action} answered {status}: {answer[:200]!r}")
 
 
-def _digits_status(server: Server) -> dict[str, Any]:
-    status, text = http_get(server.url("/status"))
-    if status != 200:
-        raise HarnessError(f"GET /status answered {status}")
-    digits: dict[str, Any] = json.loads(text)["models"]["digits"]
-    return digits
-
-
 def _answered(digits: dict[str, Any]) -> dict[str, int]:
     return {version: v.get("requests", 0) for version, v in digits["versions"].items()}
 
@@ -140,9 +134,9 @@ def canary(args: argparse.Namespace, _body: Path, recorder: Recorder) -> str:
     with serving(server, args.work) as proc:
         _deploy(server, auth, action="candidate", version="v2", canary=share)
         wait_for_quiet(args.quiet_wait, args.reference_ms)
-        before = _answered(_digits_status(server))
+        before = _answered(digits_status(server))
         result = measure(server, proc, args.connections, args.duration, bodies, args.warmup)
-        after = _answered(_digits_status(server))
+        after = _answered(digits_status(server))
     answered = {version: after[version] - before.get(version, 0) for version in after}
     total = sum(answered.values())
     observed = answered.get("v2", 0) / total if total else 0.0
@@ -188,7 +182,7 @@ def shadow(args: argparse.Namespace, _body: Path, recorder: Recorder) -> str:
             wait_for_quiet(args.quiet_wait, args.reference_ms)
             result = measure(server, proc, args.connections, args.duration, bodies, args.warmup)
             runs[label] = recorder.add({"kind": "scenario", "scenario": "shadow", "shadow": label, **result})
-        digits = _digits_status(server)
+        digits = digits_status(server)
     outcomes = {k: int(v) for k, v in digits["shadow_outcomes"].get("v2", {}).items()}
     mirrored_total = sum(outcomes.values())
     compared = outcomes.get("agree", 0) + outcomes.get("disagree", 0)
@@ -230,15 +224,12 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
     """
     depth, batch = args.overload_queue_depth, 64
     sections = []
-    for compiled in (False, True):
-        path = "compiled" if compiled else "scikit-learn"
+    # The baseline has scikit-learn's predict only.
+    paths = (SCIKIT_LEARN, COMPILED) if args.target == "fastserve" else (SCIKIT_LEARN,)
+    for path in paths:
         name = f"{args.target}-overload-{path}"
-        if args.target == "fastserve":
-            server = _server(args, name, max_queue_depth=depth, max_batch_rows=batch, compile_trees=compiled)
-        elif compiled:
-            continue  # the baseline has scikit-learn's predict only
-        else:
-            server = _server(args, name, max_queue_depth=depth, max_batch_rows=batch)
+        settings = {"compile_trees": path == COMPILED} if args.target == "fastserve" else {}
+        server = _server(args, name, max_queue_depth=depth, max_batch_rows=batch, **settings)
         with serving(server, args.work) as proc:
             check_predict(server, body.read_bytes())
             wait_for_quiet(args.quiet_wait, args.reference_ms)
@@ -252,7 +243,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
         accepted, shed = statuses.get(200, 0), statuses.get(429, 0)
         lost = sum(n for s, n in statuses.items() if s not in (200, 429))
         lost += result["errored"] + result["timeouts"] + result["unanswered"]
-        batch_s = _per_batch(before, after)
+        batch_s = per_batch(before, after)
         accepted_p99 = result["latency_ms"].get("200", {}).get("p99")
         shed_p99 = result["latency_ms"].get("429", {}).get("p99")
         recorder.add(
@@ -295,17 +286,11 @@ def _predict_totals(server: Server) -> tuple[float, float] | None:
     """(predict seconds, batches) so far across the model's versions; None for a server without /status."""
     if server.status_path is None:
         return None
-    versions = _digits_status(server)["versions"].values()
+    versions = digits_status(server)["versions"].values()
     return (
         sum(v.get("predict_seconds", 0.0) for v in versions),
         float(sum(v.get("batches", 0) for v in versions)),
     )
-
-
-def _per_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def _p50s(result: dict[str, Any]) -> str:
