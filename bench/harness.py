@@ -323,6 +323,7 @@ def run_h2load(url: str, rate: float, duration_s: int, body_file: Path, log_file
     clients = min(_MAX_CLIENTS, max(16, math.ceil(rate / 10)))
     per_client = rate / clients
     per_ms = math.ceil(clients * per_client / 1000)  # opened in one pacing interval (1 / per_client s)
+    log_file.unlink(missing_ok=True)  # h2load appends to it
     argv = pinned(CLIENT_CORE, [
         require_h2load(), "--h1", "-t1", f"-c{clients}", f"-r{per_ms}", "--rate-period=1ms",
         f"--rps={per_client:.3f}", f"-n{math.ceil(rate * duration_s)}", f"--log-file={log_file}",
