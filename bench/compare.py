@@ -5,7 +5,7 @@ with one thread. RF-300 (digits v1) is the model; a trivial LogisticRegression r
 exposes fastserve's own overhead against the HTTP ceiling.
 
     python -m bench.compare                  # 16, 64, 256 connections, 10 s each
-    python -m bench.compare --smoke          # CI: 2 s at 16 connections
+    python -m bench.compare --smoke          # CI: 1 s at 16 connections
     python -m bench.compare -c 64 -d 10 --servers fastapi-batcher,litserve,http-ceiling
 """
 
@@ -194,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quiet-wait", type=float, default=30, help="max seconds to wait for a quiet machine"
     )
     parser.add_argument("--no-trivial", action="store_true", help="skip the LogisticRegression run")
-    parser.add_argument("--smoke", action="store_true", help="CI: 2 s runs at 16 connections, short ceiling")
+    parser.add_argument("--smoke", action="store_true", help="CI: 1 s runs at 16 connections, short ceiling")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.concurrency, args.duration, args.warmup, args.ceiling_seconds = "16", 2, 0, 0.2
+        args.concurrency, args.duration, args.warmup, args.ceiling_seconds = "16", 1, 0, 0.2
         args.retries, args.quiet_wait = 0, 0
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     names = [n for n in args.servers.split(",") if n]

@@ -331,11 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         default="batching,canary,shadow,overload",
         help="which scenarios to run, comma-separated",
     )
-    parser.add_argument("--smoke", action="store_true", help="CI: 2 s runs, no warm-up")
+    parser.add_argument("--smoke", action="store_true", help="CI: 1 s runs, no warm-up")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.duration, args.warmup, args.quiet_wait = 2, 0, 0
+        args.duration, args.warmup, args.quiet_wait = 1, 0, 0
     try:
         require_wrk()
     except HarnessError as exc:
