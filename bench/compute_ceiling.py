@@ -34,9 +34,9 @@ def predict_function(model: Any, path: str) -> Callable[[np.ndarray[Any, Any]], 
     """The model's ``predict`` by ``path``; ``compiled`` fails where fastserve would not compile it."""
     if path == SCIKIT_LEARN:
         return model.predict  # type: ignore[no-any-return]
-    from fastserve.trees import compile_forest
+    from fastserve.trees import compile_trees
 
-    compiled = compile_forest(model)
+    compiled = compile_trees(model)
     if compiled is None:
         raise SystemExit(f"fastserve does not compile a {type(model).__name__}")
     return compiled

@@ -25,6 +25,8 @@ from sklearn.ensemble import (
     ExtraTreesClassifier,
     ExtraTreesRegressor,
     GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
     RandomForestClassifier,
     RandomForestRegressor,
 )
@@ -37,7 +39,7 @@ from sklearn.tree import (
 )
 
 from fastserve import trees
-from fastserve.trees import CompiledPredict, compile_forest
+from fastserve.trees import CompiledBoostingPredict, CompiledPredict, compile_trees
 
 NO_EXTENSIONS = os.environ.get("FASTSERVE_NO_EXTENSIONS") == "1"
 
@@ -48,7 +50,7 @@ except ImportError:  # only tolerated where the suite was asked to run without e
         raise
     _trees = None  # type: ignore[assignment]
 
-# Without the extension compile_forest always answers None: there is nothing else to test.
+# Without the extension compile_trees always answers None: there is nothing else to test.
 pytestmark = pytest.mark.skipif(NO_EXTENSIONS, reason="FASTSERVE_NO_EXTENSIONS=1")
 
 
@@ -143,7 +145,7 @@ def fresh_rows(estimator: Any, seed: int) -> np.ndarray[Any, Any]:
 
 
 def compiled(estimator: Any) -> CompiledPredict:
-    fn = compile_forest(estimator)
+    fn = compile_trees(estimator)
     assert isinstance(fn, CompiledPredict), "expected the estimator to compile"
     return fn
 
@@ -439,6 +441,80 @@ def test_random_forests_match(
     assert_same(estimator.predict(X[:1]), fn(X[:1]))
 
 
+# -- HistGradientBoosting --------------------------------------------------------------------
+
+BOOSTING = {
+    "binary": (factory(HistGradientBoostingClassifier, max_iter=30, random_state=0), 2),
+    "multiclass": (factory(HistGradientBoostingClassifier, max_iter=30, random_state=0), 4),
+    "squared-error": (factory(HistGradientBoostingRegressor, max_iter=30, random_state=0), 0),
+    "poisson": (factory(HistGradientBoostingRegressor, loss="poisson", max_iter=30, random_state=0), 0),
+}
+
+
+def boosting_rows(estimator: Any, rng: np.random.Generator, n_rows: int) -> np.ndarray[Any, Any]:
+    """Rows on and beside (in float64) the model's thresholds, read from its predictors here,
+    with some values NaN or infinite: the values its own walk routes."""
+    nodes = np.concatenate([p.nodes for trees in estimator._predictors for p in trees])
+    split = nodes["is_leaf"] == 0
+    x = rng.normal(size=(n_rows, estimator.n_features_in_))
+    for j in range(x.shape[1]):
+        t = nodes["num_threshold"][split & (nodes["feature_idx"] == j)]
+        t = t[np.isfinite(t)]
+        if t.size:
+            candidates = np.concatenate([t, np.nextafter(t, -np.inf), np.nextafter(t, np.inf)])
+            x[:, j] = rng.choice(candidates, n_rows)
+    x[rng.random(x.shape) < 0.15] = np.nan
+    x[rng.random(x.shape) < 0.02] = np.inf
+    x[rng.random(x.shape) < 0.02] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("missing_in_training", [False, True], ids=["clean-fit", "nan-fit"])
+@pytest.mark.parametrize("kind", BOOSTING)
+def test_boosting_models_match(kind: str, missing_in_training: bool, data: Any) -> None:
+    make, n_classes = BOOSTING[kind]
+    x, rng = data
+    y = rng.integers(0, n_classes, len(x)) if n_classes else np.abs(x[:, 0]) + rng.random(len(x))
+    if missing_in_training:  # splits then learn where NaN goes, both ways
+        x = x.copy()
+        x[rng.random(x.shape) < 0.2] = np.nan
+    estimator = make().fit(x, y)
+    fn = compile_trees(estimator)
+    assert isinstance(fn, CompiledBoostingPredict), "expected the model to compile"
+    X = np.vstack([features(rng, 200, x.shape[1]), boosting_rows(estimator, rng, 300), -np.zeros((1, 6))])
+    assert_same(estimator.predict(X), fn(X))
+    for n in (1, 2, 17):  # the lockstep groups: fewer rows than a group, and a ragged end
+        assert_same(estimator.predict(X[:n]), fn(X[:n]))
+    assert fn.booster.n_outputs == (n_classes if n_classes > 2 else 1)
+    assert fn.booster.n_trees == estimator.n_iter_ * fn.booster.n_outputs
+
+
+def test_boosting_scores_are_the_models_raw_scores(data: Any) -> None:
+    """Classes can agree by luck; the raw scores are what the walk adds up."""
+    x, rng = data
+    estimator = HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(x, rng.integers(0, 3, len(x)))
+    X = boosting_rows(estimator, rng, 200)
+    scores = compiled_boosting(estimator).booster.predict(X)
+    assert scores is not None
+    assert_same(estimator._raw_predict(X), scores)
+
+
+def compiled_boosting(estimator: Any) -> CompiledBoostingPredict:
+    fn = compile_trees(estimator)
+    assert isinstance(fn, CompiledBoostingPredict)
+    return fn
+
+
+def test_the_demo_gradient_boosting_compiles(tmp_path: Any) -> None:
+    """The demo's v2: 100 iterations of 10 classes, 1,000 trees."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    estimator = HistGradientBoostingClassifier(max_iter=100, random_state=0).fit(x, y)
+    fn = compiled_boosting(estimator)
+    assert_same(estimator.predict(x), fn(x))
+
+
 # -- what is not compiled --------------------------------------------------------------------
 
 
@@ -469,6 +545,14 @@ def unsupported_cases() -> list[tuple[str, Callable[[], Any], str]]:
             lambda: DecisionTreeRegressor().fit(x, np.column_stack([x[:, 0], x[:, 1]])),
             "2 outputs",
         ),
+        (
+            "categorical-boosting",
+            lambda: HistGradientBoostingClassifier(max_iter=3, categorical_features=[0]).fit(
+                np.column_stack([rng.integers(0, 4, 60), x[:, 1:]]), y
+            ),
+            "categorical",
+        ),
+        ("unfitted-boosting", lambda: HistGradientBoostingRegressor(), "not fitted"),
         ("unfitted-forest", lambda: RandomForestClassifier(), "not fitted"),
         ("unfitted-tree", lambda: DecisionTreeClassifier(), "not fitted"),
         ("not-an-estimator", lambda: object(), "not a supported"),
@@ -484,7 +568,7 @@ def test_unsupported_estimators_are_not_compiled(
     make: Callable[[], Any], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="fastserve.trees"):
-        assert compile_forest(make()) is None
+        assert compile_trees(make()) is None
     assert len(caplog.records) == 1
     assert caplog.records[0].name == "fastserve.trees"
     assert reason in caplog.records[0].getMessage()
@@ -495,9 +579,9 @@ def test_a_difference_on_the_probe_refuses_to_compile(caplog: pytest.LogCaptureF
     x = rng.normal(size=(60, 3))
     estimator = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, rng.integers(0, 2, 60))
     real = estimator.predict
-    estimator.predict = lambda X: real(X)[::-1]  # an instance attribute: what compile_forest calls
+    estimator.predict = lambda X: real(X)[::-1]  # an instance attribute: what compile_trees calls
     with caplog.at_level(logging.INFO, logger="fastserve.trees"):
-        assert compile_forest(estimator) is None
+        assert compile_trees(estimator) is None
     [record] = caplog.records
     assert record.levelno == logging.WARNING
     assert "differs from sklearn" in record.getMessage()
@@ -512,7 +596,7 @@ def test_a_probe_predict_that_raises_refuses_to_compile(caplog: pytest.LogCaptur
 
     estimator.predict = broken
     with caplog.at_level(logging.INFO, logger="fastserve.trees"):
-        assert compile_forest(estimator) is None
+        assert compile_trees(estimator) is None
     [record] = caplog.records
     assert record.levelno == logging.WARNING
     assert "boom" in record.getMessage()
@@ -522,14 +606,14 @@ def test_no_extensions_switch_returns_none(monkeypatch: pytest.MonkeyPatch, data
     x, rng = data
     estimator = DecisionTreeClassifier().fit(x, rng.integers(0, 2, len(x)))
     monkeypatch.setenv("FASTSERVE_NO_EXTENSIONS", "1")
-    assert compile_forest(estimator) is None
+    assert compile_trees(estimator) is None
 
 
 def test_missing_extension_returns_none(monkeypatch: pytest.MonkeyPatch, data: Any) -> None:
     x, rng = data
     estimator = DecisionTreeClassifier().fit(x, rng.integers(0, 2, len(x)))
     monkeypatch.setattr(trees, "_trees", None)
-    assert compile_forest(estimator) is None
+    assert compile_trees(estimator) is None
 
 
 # -- the compiled path runs, without the GIL -------------------------------------------------
@@ -695,3 +779,52 @@ def test_compiled_forest_predicts_a_hand_built_tree() -> None:
 def test_compiled_forest_refuses_malformed_trees(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build(one_split(**changes))
+
+
+# -- CompiledBoosting's own contract ---------------------------------------------------------
+
+
+def one_boosted_split(**changes: Any) -> Any:
+    """One tree splitting feature 0 at 0.5, NaN to the right; leaves add -1 and +1 to a
+    baseline of 0.25, on output 0 of 1."""
+    arrays: dict[str, Any] = {
+        "left": [1, -1, -1],
+        "right": [2, -1, -1],
+        "feature": [0, 0, 0],
+        "threshold": [0.5, 0.0, 0.0],
+        "missing_go_to_left": [0, 0, 0],
+        "value": [0.0, -1.0, 1.0],
+        "offsets": [0, 3],
+        "output": [0],
+        "baseline": [0.25],
+        "n_features": 1,
+    }
+    arrays.update(changes)
+    return _trees.CompiledBoosting(*arrays.values())
+
+
+def test_compiled_boosting_routes_nan_and_infinity() -> None:
+    X = np.array([[0.5], [np.nextafter(0.5, 1.0)], [np.nan], [-np.inf], [np.inf]])
+    assert one_boosted_split().predict(X).tolist() == [[-0.75], [1.25], [1.25], [-0.75], [1.25]]
+    nan_left = one_boosted_split(missing_go_to_left=[1, 0, 0])
+    assert nan_left.predict(X).ravel().tolist() == [-0.75, 1.25, -0.75, -0.75, 1.25]
+    assert one_boosted_split().predict(np.zeros((0, 1))) is None
+    with pytest.raises(ValueError, match="X has 2 features, expected 1"):
+        one_boosted_split().predict(np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"left": [0, -1, -1]}, "node 0: a child must come after its parent"),
+        ({"feature": [3, 0, 0]}, "node 0: feature 3 is out of range"),
+        ({"output": [1]}, "tree 0: output 1 is out of range"),
+        ({"output": []}, "every tree needs the output it adds to"),
+        ({"value": [0.0, 1.0]}, "one entry per node"),
+        ({"offsets": [0, 2]}, "offsets must start at 0"),
+        ({"baseline": []}, "at least one tree, one node, one feature and one output"),
+    ],
+)
+def test_compiled_boosting_refuses_malformed_trees(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        one_boosted_split(**changes)

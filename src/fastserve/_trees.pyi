@@ -34,3 +34,28 @@ class CompiledForest:
     @property
     def average(self) -> bool: ...
     def predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None: ...
+
+@final
+class CompiledBoosting:
+    def __init__(
+        self,
+        left: ArrayLike,
+        right: ArrayLike,
+        feature: ArrayLike,
+        threshold: ArrayLike,
+        missing_go_to_left: ArrayLike,
+        value: ArrayLike,
+        offsets: ArrayLike,
+        output: ArrayLike,
+        baseline: ArrayLike,
+        n_features: int,
+    ) -> None: ...
+    @property
+    def n_trees(self) -> int: ...
+    @property
+    def n_nodes(self) -> int: ...
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def n_outputs(self) -> int: ...
+    def predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None: ...

@@ -43,7 +43,7 @@ at a leaf.
 cimport cython
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.float cimport FLT_MAX
-from libc.math cimport fabs, isfinite
+from libc.math cimport fabs, isfinite, isnan
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t
 
 import numpy as np
@@ -60,9 +60,62 @@ cdef struct _Node:
     int64_t child[2]
     double threshold  # a row goes left when its float32 value, as a double, is <= this
     int32_t feature  # a column of X; 0 for a leaf
-    # Kept so the flattened trees are complete; the walk never reads it, because a row with
-    # NaN is handed back to sklearn (whether NaN is routed or refused is its decision).
+    # Where NaN goes: CompiledBoosting's walk reads it. CompiledForest's never does, because
+    # it hands a row with NaN back to sklearn (whether NaN is routed or refused is its call).
     uint8_t missing_go_to_left
+
+
+cdef int _fill_nodes(
+    _Node* nodes,
+    int64_t* root,
+    int64_t* depth_of_tree,
+    Py_ssize_t n_trees,
+    Py_ssize_t n_features,
+    const int64_t[::1] left,
+    const int64_t[::1] right,
+    const int64_t[::1] feature,
+    const double[::1] threshold,
+    const uint8_t[::1] missing_go_to_left,
+    const int64_t[::1] offsets,
+) except -1:
+    """Check every index a walk will follow, and copy the nodes into ``nodes``: tree ``t``
+    is ``[root[t], root[t + 1])`` and a walk from its root reaches a leaf in
+    ``depth_of_tree[t]`` steps. The arrays' lengths are checked by the caller."""
+    cdef Py_ssize_t t, k
+    cdef int64_t end
+    cdef _Node* node
+    cdef Py_ssize_t n_nodes = left.shape[0]
+    # Depth of each node below its root: children come after their parent, so one pass
+    # in node order sees every parent before its children.
+    cdef int64_t[::1] depth = np.zeros(n_nodes, dtype=np.int64)
+    for t in range(n_trees):
+        end = offsets[t + 1]
+        if end <= offsets[t]:
+            raise ValueError(f"tree {t} has no nodes")
+        root[t] = offsets[t]
+        depth_of_tree[t] = 0
+        for k in range(offsets[t], end):
+            node = &nodes[k]
+            node.threshold = threshold[k]
+            node.missing_go_to_left = missing_go_to_left[k]
+            if left[k] == _TREE_LEAF:
+                node.child[0] = k
+                node.child[1] = k
+                node.feature = 0
+                depth_of_tree[t] = max(depth_of_tree[t], depth[k])
+                continue
+            if not (k < left[k] < end and k < right[k] < end):
+                raise ValueError(f"node {k}: a child must come after its parent, in the same tree")
+            if not (0 <= feature[k] < n_features):
+                raise ValueError(f"node {k}: feature {feature[k]} is out of range")
+            node.child[1] = left[k]
+            node.child[0] = right[k]
+            node.feature = <int32_t>feature[k]
+            # max(): in a malformed tree a node could have two parents.
+            depth[left[k]] = max(depth[left[k]], depth[k] + 1)
+            depth[right[k]] = max(depth[right[k]], depth[k] + 1)
+    root[n_trees] = n_nodes
+    return 0
 
 
 @cython.final
@@ -124,7 +177,10 @@ cdef class CompiledForest:
         self._depth = <int64_t*>PyMem_Malloc(self.n_trees * sizeof(int64_t))
         if self._nodes == NULL or self._root == NULL or self._depth == NULL:
             raise MemoryError()  # __dealloc__ frees whichever did succeed
-        self._fill(left_, right_, feature_, threshold_, missing_, offsets_)
+        _fill_nodes(
+            self._nodes, self._root, self._depth, self.n_trees, self.n_features,
+            left_, right_, feature_, threshold_, missing_, offsets_,
+        )
 
     def __dealloc__(self):
         PyMem_Free(self._nodes)
@@ -158,51 +214,6 @@ cdef class CompiledForest:
             raise ValueError("only a forest (average=True) holds more than one tree")
         if offsets[0] != 0 or offsets[self.n_trees] != n:
             raise ValueError("offsets must start at 0 and end at the number of nodes")
-        return 0
-
-    cdef int _fill(
-        self,
-        const int64_t[::1] left,
-        const int64_t[::1] right,
-        const int64_t[::1] feature,
-        const double[::1] threshold,
-        const uint8_t[::1] missing_go_to_left,
-        const int64_t[::1] offsets,
-    ) except -1:
-        """Check every index the walk will follow, and copy the nodes into ``_nodes``."""
-        cdef Py_ssize_t t, k
-        cdef int64_t end
-        cdef _Node* node
-        # Depth of each node below its root: children come after their parent, so one pass
-        # in node order sees every parent before its children.
-        cdef int64_t[::1] depth = np.zeros(self.n_nodes, dtype=np.int64)
-        for t in range(self.n_trees):
-            end = offsets[t + 1]
-            if end <= offsets[t]:
-                raise ValueError(f"tree {t} has no nodes")
-            self._root[t] = offsets[t]
-            self._depth[t] = 0
-            for k in range(offsets[t], end):
-                node = &self._nodes[k]
-                node.threshold = threshold[k]
-                node.missing_go_to_left = missing_go_to_left[k]
-                if left[k] == _TREE_LEAF:
-                    node.child[0] = k
-                    node.child[1] = k
-                    node.feature = 0
-                    self._depth[t] = max(self._depth[t], depth[k])
-                    continue
-                if not (k < left[k] < end and k < right[k] < end):
-                    raise ValueError(f"node {k}: a child must come after its parent, in the same tree")
-                if not (0 <= feature[k] < self.n_features):
-                    raise ValueError(f"node {k}: feature {feature[k]} is out of range")
-                node.child[1] = left[k]
-                node.child[0] = right[k]
-                node.feature = <int32_t>feature[k]
-                # max(): in a malformed tree a node could have two parents.
-                depth[left[k]] = max(depth[left[k]], depth[k] + 1)
-                depth[right[k]] = max(depth[right[k]], depth[k] + 1)
-        self._root[self.n_trees] = self.n_nodes
         return 0
 
     @cython.cdivision(True)
@@ -308,3 +319,145 @@ cdef class CompiledForest:
         if self.classifier:
             return index_array
         return acc_array.reshape(n_rows)
+
+
+@cython.final
+cdef class CompiledBoosting:
+    """The trees of a fitted HistGradientBoosting model, concatenated, and a GIL-free
+    ``predict`` of its raw scores: ``_raw_predict``, step for step.
+
+    - a row's score for output ``k`` starts as ``0.0 + baseline[k]`` (sklearn adds the
+      baseline into float64 zeros) and receives each tree's leaf value, in tree order:
+      iteration by iteration, and within one the outputs in order, as ``_predict_iterations``
+      does (``raw[:, k] += predictor.predict(X)``);
+    - a node sends a row left when its float64 value is NaN and the node's
+      ``missing_go_to_left`` is set, or when the value is ``<= threshold``, as
+      ``_predict_one_from_raw_data`` does for a numerical split. No cast: the model predicts
+      on float64. Categorical splits are not compiled (``trees.py`` refuses such a model).
+
+    The leaf value lives in ``_value[node]``; a leaf's children are the leaf itself, as in
+    CompiledForest, so a walk of ``_depth[t]`` steps from ``_root[t]`` ends at a leaf.
+    Immutable once built; any number of threads may call ``predict`` at once.
+    """
+
+    cdef readonly Py_ssize_t n_trees
+    cdef readonly Py_ssize_t n_nodes
+    cdef readonly Py_ssize_t n_features
+    cdef readonly Py_ssize_t n_outputs  # raw scores per row: one per class (or 1)
+
+    cdef _Node* _nodes  # owned: PyMem_Malloc / PyMem_Free, as in CompiledForest
+    cdef int64_t* _root
+    cdef int64_t* _depth
+    cdef const double[::1] _value  # per node; a private copy
+    cdef const int64_t[::1] _output  # per tree: the raw score it adds to
+    cdef const double[::1] _baseline  # per output
+
+    def __cinit__(
+        self,
+        left,
+        right,
+        feature,
+        threshold,
+        missing_go_to_left,
+        value,
+        offsets,
+        output,
+        baseline,
+        Py_ssize_t n_features,
+    ):
+        cdef const int64_t[::1] left_ = np.ascontiguousarray(left, dtype=np.int64)
+        cdef const int64_t[::1] right_ = np.ascontiguousarray(right, dtype=np.int64)
+        cdef const int64_t[::1] feature_ = np.ascontiguousarray(feature, dtype=np.int64)
+        cdef const double[::1] threshold_ = np.ascontiguousarray(threshold, dtype=np.float64)
+        cdef const uint8_t[::1] missing_ = np.ascontiguousarray(missing_go_to_left, dtype=np.uint8)
+        cdef const int64_t[::1] offsets_ = np.ascontiguousarray(offsets, dtype=np.int64)
+        self._value = np.array(value, dtype=np.float64, copy=True)
+        self._output = np.array(output, dtype=np.int64, copy=True)
+        self._baseline = np.array(baseline, dtype=np.float64, copy=True)
+        self.n_nodes = left_.shape[0]
+        self.n_trees = offsets_.shape[0] - 1
+        self.n_features = n_features
+        self.n_outputs = self._baseline.shape[0]
+        cdef Py_ssize_t n = self.n_nodes
+        cdef Py_ssize_t t
+        if n < 1 or self.n_trees < 1 or self.n_features < 1 or self.n_outputs < 1:
+            raise ValueError("a model has at least one tree, one node, one feature and one output")
+        if self.n_features > INT32_MAX:
+            raise ValueError("too many features")
+        if not (
+            right_.shape[0] == n
+            and feature_.shape[0] == n
+            and threshold_.shape[0] == n
+            and missing_.shape[0] == n
+            and self._value.shape[0] == n
+        ):
+            raise ValueError("every node array needs one entry per node")
+        if offsets_[0] != 0 or offsets_[self.n_trees] != n:
+            raise ValueError("offsets must start at 0 and end at the number of nodes")
+        if self._output.shape[0] != self.n_trees:
+            raise ValueError("every tree needs the output it adds to")
+        for t in range(self.n_trees):
+            if not (0 <= self._output[t] < self.n_outputs):
+                raise ValueError(f"tree {t}: output {self._output[t]} is out of range")
+
+        self._nodes = <_Node*>PyMem_Malloc(n * sizeof(_Node))
+        self._root = <int64_t*>PyMem_Malloc((self.n_trees + 1) * sizeof(int64_t))
+        self._depth = <int64_t*>PyMem_Malloc(self.n_trees * sizeof(int64_t))
+        if self._nodes == NULL or self._root == NULL or self._depth == NULL:
+            raise MemoryError()  # __dealloc__ frees whichever did succeed
+        _fill_nodes(
+            self._nodes, self._root, self._depth, self.n_trees, self.n_features,
+            left_, right_, feature_, threshold_, missing_, offsets_,
+        )
+
+    def __dealloc__(self):
+        PyMem_Free(self._nodes)
+        PyMem_Free(self._root)
+        PyMem_Free(self._depth)
+
+    def predict(self, const double[:, ::1] X not None):
+        """Raw scores, float64 ``(rows, n_outputs)``; ``None`` for no rows (sklearn refuses
+        those with its own error). ``ValueError`` if ``X`` does not have ``n_features`` columns."""
+        cdef Py_ssize_t n_rows = X.shape[0]
+        cdef Py_ssize_t nf = self.n_features
+        cdef Py_ssize_t no = self.n_outputs
+        if X.shape[1] != nf:
+            raise ValueError(f"X has {X.shape[1]} features, expected {nf}")
+        if n_rows == 0:
+            return None
+
+        raw_array = np.empty((n_rows, no), dtype=np.float64)
+        cdef double[:, ::1] raw_view = raw_array
+        cdef double* raw = &raw_view[0, 0]
+        cdef const double* x = &X[0, 0]
+        cdef const _Node* nodes = self._nodes
+        cdef const double* value = &self._value[0]
+        cdef const int64_t* output = &self._output[0]
+        cdef const double* baseline = &self._baseline[0]
+        cdef Py_ssize_t i, k, t, r0, g, j, step, out_k
+        cdef double v
+        cdef int64_t node[_GROUP]
+        cdef const _Node* n
+
+        with nogil:
+            for i in range(n_rows):
+                for k in range(no):
+                    raw[i * no + k] = 0.0 + baseline[k]
+            for t in range(self.n_trees):
+                out_k = output[t]
+                # Rows in groups walked in lockstep, as in CompiledForest: independent loads
+                # overlap. Each row still receives the trees in order.
+                r0 = 0
+                while r0 < n_rows:
+                    g = min(<Py_ssize_t>_GROUP, n_rows - r0)
+                    for j in range(g):
+                        node[j] = self._root[t]
+                    for step in range(self._depth[t]):
+                        for j in range(g):
+                            n = &nodes[node[j]]
+                            v = x[(r0 + j) * nf + n.feature]
+                            node[j] = n.child[<int>((v <= n.threshold) or (isnan(v) and n.missing_go_to_left))]
+                    for j in range(g):
+                        raw[(r0 + j) * no + out_k] += value[node[j]]
+                    r0 += g
+        return raw_array

@@ -21,7 +21,7 @@ import numpy as np
 
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings, override
 from fastserve.errors import ConfigError
-from fastserve.trees import compile_forest
+from fastserve.trees import compile_trees
 
 logger = logging.getLogger("fastserve.registry")
 
@@ -160,7 +160,7 @@ class Registry:
         if not callable(getattr(estimator, "predict", None)):
             raise ValueError("the estimator has no predict method")
         predict: Predict = estimator.predict
-        compiled = compile_forest(estimator) if self.settings.compile_trees else None
+        compiled = compile_trees(estimator) if self.settings.compile_trees else None
         if compiled is not None:
             predict = compiled
         _warm_up(predict, int(n_features))

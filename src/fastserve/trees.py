@@ -1,17 +1,21 @@
 """A compiled, GIL-free predict for scikit-learn tree ensembles, equal to ``estimator.predict``.
 
 A forest's ``predict`` spends most of its time in joblib and per-tree Python, with the GIL
-held; ``compile_forest`` flattens the fitted trees into one ``_trees.CompiledForest``, whose
-single C loop releases the GIL, and checks on probe rows that the answers are bit for bit
-those of ``estimator.predict`` before handing the function out.
+held, and a HistGradientBoosting model's in one Python call per tree (a thousand for 100
+iterations of 10 classes). ``compile_trees`` flattens the fitted trees into one
+``_trees.CompiledForest`` or ``_trees.CompiledBoosting``, whose single C loop releases the
+GIL, and checks on probe rows that the answers are bit for bit those of
+``estimator.predict`` before handing the function out.
 
 Any input the compiled loop does not take as is (not a float64 ndarray of the right width, no
-rows, a value that is NaN or not finite as float32, values large enough that sklearn's
-float32 finiteness sum could overflow) goes to ``estimator.predict`` itself, so sklearn's own
-NaN routing, errors and warnings are kept; the one warning the compiled path drops is that an
-ndarray has no feature names, which a model fitted on a DataFrame gives on every batch the
-server hands it. There is no pure-Python twin: where the extension is missing or
-``FASTSERVE_NO_EXTENSIONS=1``, the fallback is sklearn's predict.
+rows; for a forest also a value that is NaN or not finite as float32, or values large enough
+that sklearn's float32 finiteness sum could overflow) goes to ``estimator.predict`` itself,
+so sklearn's own NaN routing, errors and warnings are kept. HistGradientBoosting predicts on
+float64 and takes NaN and infinity, so its compiled walk routes them as sklearn does. The one
+warning the compiled path drops is that an ndarray has no feature names, which a model
+fitted on a DataFrame gives on every batch the server hands it. There is no pure-Python
+twin: where the extension is missing or ``FASTSERVE_NO_EXTENSIONS=1``, the fallback is
+sklearn's predict.
 
 The compiled copy is a snapshot: refitting the estimator afterwards is not seen.
 """
@@ -29,6 +33,8 @@ import numpy as np
 from sklearn.ensemble import (
     ExtraTreesClassifier,
     ExtraTreesRegressor,
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
     RandomForestClassifier,
     RandomForestRegressor,
 )
@@ -40,7 +46,7 @@ from sklearn.tree import (
 )
 
 if TYPE_CHECKING:
-    from fastserve._trees import CompiledForest
+    from fastserve._trees import CompiledBoosting, CompiledForest
 
 try:
     from fastserve import _trees
@@ -50,7 +56,7 @@ except ImportError:  # a platform with no compiler: sklearn's predict is the fal
 logger = logging.getLogger(__name__)
 
 COMPILED: bool = _trees is not None
-"""Whether the compiled extension imported (``compile_forest`` also honours the env switch)."""
+"""Whether the compiled extension imported (``compile_trees`` also honours the env switch)."""
 
 # Each forest type and the exact type of its trees; a single tree is its own entry.
 _FORESTS: dict[type, type] = {
@@ -65,6 +71,7 @@ _SINGLE_TREES = frozenset(
 _CLASSIFIERS = frozenset(
     {RandomForestClassifier, ExtraTreesClassifier, DecisionTreeClassifier, ExtraTreeClassifier}
 )
+_BOOSTING = frozenset({HistGradientBoostingClassifier, HistGradientBoostingRegressor})
 
 # Probe rows: how many sit on thresholds (at most; fewer when the trees have fewer), and how
 # many are drawn at random across each feature's threshold range.
@@ -74,18 +81,18 @@ _PROBE_SEED = 0
 
 
 class _Unsupported(Exception):
-    """Why an estimator is not compiled: logged, and ``compile_forest`` returns None."""
+    """Why an estimator is not compiled: logged, and ``compile_trees`` returns None."""
 
 
-class CompiledPredict:
-    """``estimator.predict``, answered by ``forest`` wherever it can be (same bits)."""
+class _Compiled:
+    """``estimator.predict``, answered by a compiled kernel wherever it can be (same bits)."""
 
-    __slots__ = ("estimator", "forest", "_classes")
+    __slots__ = ("estimator", "_classes", "_n_features")
 
-    def __init__(self, estimator: Any, forest: CompiledForest) -> None:
+    def __init__(self, estimator: Any, n_features: int, classifier: bool) -> None:
         self.estimator = estimator
-        self.forest = forest
-        self._classes: np.ndarray[Any, Any] | None = estimator.classes_ if forest.classifier else None
+        self._n_features = n_features
+        self._classes: np.ndarray[Any, Any] | None = estimator.classes_ if classifier else None
 
     def __call__(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         out = self.compiled(X)
@@ -98,36 +105,82 @@ class CompiledPredict:
         # type(), not isinstance(): sklearn turns ndarray subclasses (np.matrix, masked
         # arrays) into plain arrays its own way; ">f8" is not np.float64 and goes there too.
         if not (
-            type(X) is np.ndarray
-            and X.dtype == np.float64
-            and X.ndim == 2
-            and X.shape[1] == self.forest.n_features
+            type(X) is np.ndarray and X.dtype == np.float64 and X.ndim == 2 and X.shape[1] == self._n_features
         ):
             return None
-        out = self.forest.predict(np.ascontiguousarray(X))
+        return self._predict(np.ascontiguousarray(X))
+
+    def _predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
+        raise NotImplementedError
+
+
+class CompiledPredict(_Compiled):
+    """A forest's or a single tree's predict, by ``forest``."""
+
+    __slots__ = ("forest",)
+
+    def __init__(self, estimator: Any, forest: CompiledForest) -> None:
+        super().__init__(estimator, forest.n_features, forest.classifier)
+        self.forest = forest
+
+    def _predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
+        out = self.forest.predict(X)
         if out is None or self._classes is None:
             return out
         return self._classes.take(out, axis=0)
 
 
-def compile_forest(estimator: Any) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]] | None:
+class CompiledBoostingPredict(_Compiled):
+    """A HistGradientBoosting model's predict: the raw scores by ``booster``, then the last
+    step of the estimator's own ``predict`` on them, in numpy as sklearn writes it."""
+
+    __slots__ = ("booster", "_inverse_link")
+
+    def __init__(self, estimator: Any, booster: CompiledBoosting) -> None:
+        classifier = type(estimator) is HistGradientBoostingClassifier
+        super().__init__(estimator, booster.n_features, classifier)
+        self.booster = booster
+        self._inverse_link = None if classifier else estimator._loss.link.inverse
+
+    def _predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
+        raw = self.booster.predict(X)
+        if raw is None:
+            return None
+        if self._classes is None:
+            assert self._inverse_link is not None
+            return self._inverse_link(raw.ravel())  # type: ignore[no-any-return]
+        if raw.shape[1] == 1:  # binary: "> 0", so that a score of 0 is class 0, as argmax would
+            encoded = (raw.ravel() > 0).astype(int)
+        else:
+            encoded = np.argmax(raw, axis=1)
+        labels: np.ndarray[Any, Any] = self._classes[encoded]
+        return labels
+
+
+def compile_trees(estimator: Any) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]] | None:
     """A predict function equal to ``estimator.predict`` bit for bit, or None.
 
-    Supported: a fitted single-output RandomForest/ExtraTrees classifier or regressor, or a
-    DecisionTree/ExtraTree classifier or regressor, of exactly that type (a subclass may
-    override predict). None, with the reason logged on ``fastserve.trees``, for anything else,
-    when the extension is unavailable, or when the probe rows find any difference.
+    Supported: a fitted single-output RandomForest/ExtraTrees classifier or regressor, a
+    DecisionTree/ExtraTree classifier or regressor, or a HistGradientBoosting classifier or
+    regressor without categorical features, of exactly that type (a subclass may override
+    predict). None, with the reason logged on ``fastserve.trees``, for anything else, when
+    the extension is unavailable, or when the probe rows find any difference.
     """
     name = type(estimator).__name__
     if os.environ.get("FASTSERVE_NO_EXTENSIONS") == "1" or _trees is None:
         logger.info("%s: compiled tree predict unavailable (extension not built or disabled)", name)
         return None
+    predict: _Compiled
     try:
-        forest, probe = _flatten(estimator)
+        if type(estimator) in _BOOSTING:
+            booster, probe = _flatten_boosting(estimator)
+            predict = CompiledBoostingPredict(estimator, booster)
+        else:
+            forest, probe = _flatten(estimator)
+            predict = CompiledPredict(estimator, forest)
     except _Unsupported as why:
         logger.info("%s: not compiled: %s", name, why)
         return None
-    predict = CompiledPredict(estimator, forest)
     try:
         difference = _first_difference(estimator, predict, probe)
     except Exception as error:  # sklearn refused its own probe: we know too little to go on
@@ -201,7 +254,63 @@ def _flatten(estimator: Any) -> tuple[CompiledForest, np.ndarray[Any, Any]]:
     return forest, _probe_rows(n_features, feature[split], threshold[split])
 
 
-def _first_difference(estimator: Any, predict: CompiledPredict, X: np.ndarray[Any, Any]) -> str | None:
+def _flatten_boosting(estimator: Any) -> tuple[CompiledBoosting, np.ndarray[Any, Any]]:
+    """One CompiledBoosting holding every tree of a HistGradientBoosting model, in the order
+    ``_predict_iterations`` adds them, and its probe rows. ``_Unsupported`` if it cannot be
+    compiled."""
+    predictors = getattr(estimator, "_predictors", None)
+    if not predictors:
+        raise _Unsupported("not fitted")
+    categorical = getattr(estimator, "is_categorical_", None)
+    if estimator._preprocessor is not None or (categorical is not None and categorical.any()):
+        raise _Unsupported("categorical features (only numerical splits are compiled)")
+    n_features = int(estimator.n_features_in_)
+    n_outputs = int(estimator.n_trees_per_iteration_)
+    baseline = np.asarray(estimator._baseline_prediction, dtype=np.float64).reshape(-1)
+    if baseline.shape != (n_outputs,) or any(len(trees) != n_outputs for trees in predictors):
+        raise _Unsupported("trees per iteration do not match the model's outputs")
+    tables = [predictor.nodes for trees in predictors for predictor in trees]
+    sizes = np.array([len(table) for table in tables], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    nodes = np.concatenate(tables)
+    if nodes["is_categorical"].any():
+        raise _Unsupported("categorical splits (only numerical splits are compiled)")
+    leaf = nodes["is_leaf"].astype(bool)
+    shift = np.repeat(offsets[:-1], sizes)  # tree-local child indices to global ones
+    left = np.where(leaf, -1, nodes["left"].astype(np.int64) + shift)
+    right = np.where(leaf, -1, nodes["right"].astype(np.int64) + shift)
+    feature, threshold = nodes["feature_idx"], nodes["num_threshold"]
+    try:
+        booster = _trees.CompiledBoosting(
+            left,
+            right,
+            feature,
+            threshold,
+            nodes["missing_go_to_left"],
+            nodes["value"],
+            offsets,
+            np.tile(np.arange(n_outputs), len(predictors)),
+            baseline,
+            n_features,
+        )
+    except ValueError as error:
+        raise _Unsupported(f"unexpected tree structure: {error}") from None
+    probe = _probe_rows(n_features, feature[~leaf], threshold[~leaf])
+    return booster, np.vstack([probe, _with_missing_values(probe)])
+
+
+def _with_missing_values(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A copy of ``rows`` with a fifth of its values NaN and a few infinite: the values a
+    HistGradientBoosting model routes itself (``missing_go_to_left``, and ``<=`` on infinity)."""
+    rng = np.random.default_rng(_PROBE_SEED)
+    out = rows.copy()
+    out[rng.random(out.shape) < 0.2] = np.nan
+    out[rng.random(out.shape) < 0.01] = np.inf
+    out[rng.random(out.shape) < 0.01] = -np.inf
+    return out
+
+
+def _first_difference(estimator: Any, predict: _Compiled, X: np.ndarray[Any, Any]) -> str | None:
     """What differs between ``predict`` and ``estimator.predict`` on the rows ``X``, or None."""
     reference = estimator
     if hasattr(estimator, "n_jobs"):
