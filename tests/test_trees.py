@@ -762,7 +762,8 @@ def test_compiled_forest_predicts_a_hand_built_tree() -> None:
         ({"threshold": [0.5, 0.0]}, "one entry per node"),
         ({"value": [[1.0, 0.0]] * 4}, "one entry per node"),
         ({"classifier": False}, "a regressor has one value per leaf"),
-        ({"n_features": 0}, "at least one tree, one node, one feature"),
+        ({"n_features": 0}, "at least one tree, one node and one feature"),
+        ({"value": np.zeros((3, 0))}, "a leaf has at least one value"),
         (
             {
                 "left": [],
@@ -822,7 +823,8 @@ def test_compiled_boosting_routes_nan_and_infinity() -> None:
         ({"output": []}, "every tree needs the output it adds to"),
         ({"value": [0.0, 1.0]}, "one entry per node"),
         ({"offsets": [0, 2]}, "offsets must start at 0"),
-        ({"baseline": []}, "at least one tree, one node, one feature and one output"),
+        ({"baseline": []}, "a model has at least one output"),
+        ({"n_features": 0}, "at least one tree, one node and one feature"),
     ],
 )
 def test_compiled_boosting_refuses_malformed_trees(changes: dict[str, Any], message: str) -> None:

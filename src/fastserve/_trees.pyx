@@ -34,8 +34,8 @@ leaf itself (and its feature 0), so a walk that reaches it early stays there for
 remaining steps of its group. Only the control flow differs from sklearn's walk; each
 comparison is the same.
 
-Memory safety: the walk reads unchecked indices, so the constructor checks every one of them
-once; in particular each child index is larger than its parent's and inside the parent's
+Memory safety: the walk reads unchecked indices, so ``_NodeTable.fill`` checks every one of
+them once; in particular each child index is larger than its parent's and inside the parent's
 tree (sklearn's builders add children after their parent), so a walk of ``depth`` steps ends
 at a leaf.
 """
@@ -65,57 +65,115 @@ cdef struct _Node:
     uint8_t missing_go_to_left
 
 
-cdef int _fill_nodes(
-    _Node* nodes,
-    int64_t* root,
-    int64_t* depth_of_tree,
-    Py_ssize_t n_trees,
-    Py_ssize_t n_features,
-    const int64_t[::1] left,
-    const int64_t[::1] right,
-    const int64_t[::1] feature,
-    const double[::1] threshold,
-    const uint8_t[::1] missing_go_to_left,
-    const int64_t[::1] offsets,
-) except -1:
-    """Check every index a walk will follow, and copy the nodes into ``nodes``: tree ``t``
-    is ``[root[t], root[t + 1])`` and a walk from its root reaches a leaf in
-    ``depth_of_tree[t]`` steps. The arrays' lengths are checked by the caller."""
-    cdef Py_ssize_t t, k
-    cdef int64_t end
-    cdef _Node* node
-    cdef Py_ssize_t n_nodes = left.shape[0]
-    # Depth of each node below its root: children come after their parent, so one pass
-    # in node order sees every parent before its children.
-    cdef int64_t[::1] depth = np.zeros(n_nodes, dtype=np.int64)
-    for t in range(n_trees):
-        end = offsets[t + 1]
-        if end <= offsets[t]:
-            raise ValueError(f"tree {t} has no nodes")
-        root[t] = offsets[t]
-        depth_of_tree[t] = 0
-        for k in range(offsets[t], end):
-            node = &nodes[k]
-            node.threshold = threshold[k]
-            node.missing_go_to_left = missing_go_to_left[k]
-            if left[k] == _TREE_LEAF:
-                node.child[0] = k
-                node.child[1] = k
-                node.feature = 0
-                depth_of_tree[t] = max(depth_of_tree[t], depth[k])
-                continue
-            if not (k < left[k] < end and k < right[k] < end):
-                raise ValueError(f"node {k}: a child must come after its parent, in the same tree")
-            if not (0 <= feature[k] < n_features):
-                raise ValueError(f"node {k}: feature {feature[k]} is out of range")
-            node.child[1] = left[k]
-            node.child[0] = right[k]
-            node.feature = <int32_t>feature[k]
-            # max(): in a malformed tree a node could have two parents.
-            depth[left[k]] = max(depth[left[k]], depth[k] + 1)
-            depth[right[k]] = max(depth[right[k]], depth[k] + 1)
-    root[n_trees] = n_nodes
-    return 0
+@cython.final
+cdef class _NodeTable:
+    """The nodes of one or more fitted trees, concatenated, owned, and checked for the walks.
+
+    Built in two steps, so that an owner can check its own arrays in between: the
+    constructor takes the arrays and checks their shapes; ``fill`` checks every index a walk
+    will follow and copies the nodes into ``nodes`` (PyMem_Malloc; PyMem_Free in
+    ``__dealloc__``). Node k of tree t lies in [root[t], root[t + 1]) (root[n_trees] ==
+    n_nodes), and a walk from root[t] reaches a leaf in depth[t] steps and stays there after.
+    In particular each child index must be larger than its parent's and inside the parent's
+    tree (sklearn's builders add children after their parent), so a walk of ``depth`` steps
+    ends at a leaf.
+    """
+
+    cdef Py_ssize_t n_trees
+    cdef Py_ssize_t n_nodes
+    cdef Py_ssize_t n_features
+    cdef _Node* nodes  # n_nodes entries
+    cdef int64_t* root  # n_trees + 1 entries
+    cdef int64_t* depth  # n_trees entries
+    # The arrays, until fill has copied them.
+    cdef const int64_t[::1] _left
+    cdef const int64_t[::1] _right
+    cdef const int64_t[::1] _feature
+    cdef const double[::1] _threshold
+    cdef const uint8_t[::1] _missing_go_to_left
+    cdef const int64_t[::1] _offsets
+
+    def __cinit__(self, left, right, feature, threshold, missing_go_to_left, offsets, Py_ssize_t n_features):
+        self._left = np.ascontiguousarray(left, dtype=np.int64)
+        self._right = np.ascontiguousarray(right, dtype=np.int64)
+        self._feature = np.ascontiguousarray(feature, dtype=np.int64)
+        self._threshold = np.ascontiguousarray(threshold, dtype=np.float64)
+        self._missing_go_to_left = np.ascontiguousarray(missing_go_to_left, dtype=np.uint8)
+        self._offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        cdef Py_ssize_t n = self._left.shape[0]
+        self.n_nodes = n
+        self.n_trees = self._offsets.shape[0] - 1
+        self.n_features = n_features
+        if n < 1 or self.n_trees < 1 or n_features < 1:
+            raise ValueError("a model has at least one tree, one node and one feature")
+        if n_features > INT32_MAX:
+            raise ValueError("too many features")
+        if not (
+            self._right.shape[0] == n
+            and self._feature.shape[0] == n
+            and self._threshold.shape[0] == n
+            and self._missing_go_to_left.shape[0] == n
+        ):
+            raise ValueError("every node array needs one entry per node")
+        if self._offsets[0] != 0 or self._offsets[self.n_trees] != n:
+            raise ValueError("offsets must start at 0 and end at the number of nodes")
+
+    def __dealloc__(self):
+        PyMem_Free(self.nodes)
+        PyMem_Free(self.root)
+        PyMem_Free(self.depth)
+
+    cdef int fill(self) except -1:
+        self.nodes = <_Node*>PyMem_Malloc(self.n_nodes * sizeof(_Node))
+        self.root = <int64_t*>PyMem_Malloc((self.n_trees + 1) * sizeof(int64_t))
+        self.depth = <int64_t*>PyMem_Malloc(self.n_trees * sizeof(int64_t))
+        if self.nodes == NULL or self.root == NULL or self.depth == NULL:
+            raise MemoryError()  # __dealloc__ frees whichever did succeed
+        cdef const int64_t[::1] left = self._left
+        cdef const int64_t[::1] right = self._right
+        cdef const int64_t[::1] feature = self._feature
+        cdef const int64_t[::1] offsets = self._offsets
+        cdef Py_ssize_t t, k
+        cdef int64_t end
+        cdef _Node* node
+        # Depth of each node below its root: children come after their parent, so one pass
+        # in node order sees every parent before its children.
+        cdef int64_t[::1] depth = np.zeros(self.n_nodes, dtype=np.int64)
+        for t in range(self.n_trees):
+            end = offsets[t + 1]
+            if end <= offsets[t]:
+                raise ValueError(f"tree {t} has no nodes")
+            self.root[t] = offsets[t]
+            self.depth[t] = 0
+            for k in range(offsets[t], end):
+                node = &self.nodes[k]
+                node.threshold = self._threshold[k]
+                node.missing_go_to_left = self._missing_go_to_left[k]
+                if left[k] == _TREE_LEAF:
+                    node.child[0] = k
+                    node.child[1] = k
+                    node.feature = 0
+                    self.depth[t] = max(self.depth[t], depth[k])
+                    continue
+                if not (k < left[k] < end and k < right[k] < end):
+                    raise ValueError(f"node {k}: a child must come after its parent, in the same tree")
+                if not (0 <= feature[k] < self.n_features):
+                    raise ValueError(f"node {k}: feature {feature[k]} is out of range")
+                node.child[1] = left[k]
+                node.child[0] = right[k]
+                node.feature = <int32_t>feature[k]
+                # max(): in a malformed tree a node could have two parents.
+                depth[left[k]] = max(depth[left[k]], depth[k] + 1)
+                depth[right[k]] = max(depth[right[k]], depth[k] + 1)
+        self.root[self.n_trees] = self.n_nodes
+        # The nodes hold all of it now.
+        self._left = None
+        self._right = None
+        self._feature = None
+        self._offsets = None
+        self._threshold = None
+        self._missing_go_to_left = None
+        return 0
 
 
 @cython.final
@@ -134,12 +192,7 @@ cdef class CompiledForest:
     cdef readonly bint classifier  # predict returns argmax indices, not the values
     cdef readonly bint average  # a forest (sum in tree order, then / n_trees), not one tree
 
-    # Owned by this object: PyMem_Malloc in __cinit__, PyMem_Free in __dealloc__. Node k of
-    # tree t lies in [_root[t], _root[t + 1]) (_root[n_trees] == n_nodes); a walk from
-    # _root[t] reaches a leaf in _depth[t] steps (the tree's depth) and stays there after.
-    cdef _Node* _nodes  # n_nodes entries
-    cdef int64_t* _root  # n_trees + 1 entries
-    cdef int64_t* _depth  # n_trees entries
+    cdef _NodeTable _table
     # Leaf value rows, (n_nodes, n_values): a private copy, owned through this view.
     cdef const double[:, ::1] _value
 
@@ -157,64 +210,23 @@ cdef class CompiledForest:
         bint classifier,
         bint average,
     ):
-        cdef const int64_t[::1] left_ = np.ascontiguousarray(left, dtype=np.int64)
-        cdef const int64_t[::1] right_ = np.ascontiguousarray(right, dtype=np.int64)
-        cdef const int64_t[::1] feature_ = np.ascontiguousarray(feature, dtype=np.int64)
-        cdef const double[::1] threshold_ = np.ascontiguousarray(threshold, dtype=np.float64)
-        cdef const uint8_t[::1] missing_ = np.ascontiguousarray(missing_go_to_left, dtype=np.uint8)
-        cdef const int64_t[::1] offsets_ = np.ascontiguousarray(offsets, dtype=np.int64)
+        self._table = _NodeTable(left, right, feature, threshold, missing_go_to_left, offsets, n_features)
         self._value = np.array(value, dtype=np.float64, order="C", copy=True)
-        self.n_nodes = left_.shape[0]
-        self.n_trees = offsets_.shape[0] - 1
+        self.n_nodes = self._table.n_nodes
+        self.n_trees = self._table.n_trees
         self.n_features = n_features
         self.n_values = self._value.shape[1]
         self.classifier = classifier
         self.average = average
-        self._check_shapes(right_, feature_, threshold_, missing_, offsets_)
-
-        self._nodes = <_Node*>PyMem_Malloc(self.n_nodes * sizeof(_Node))
-        self._root = <int64_t*>PyMem_Malloc((self.n_trees + 1) * sizeof(int64_t))
-        self._depth = <int64_t*>PyMem_Malloc(self.n_trees * sizeof(int64_t))
-        if self._nodes == NULL or self._root == NULL or self._depth == NULL:
-            raise MemoryError()  # __dealloc__ frees whichever did succeed
-        _fill_nodes(
-            self._nodes, self._root, self._depth, self.n_trees, self.n_features,
-            left_, right_, feature_, threshold_, missing_, offsets_,
-        )
-
-    def __dealloc__(self):
-        PyMem_Free(self._nodes)
-        PyMem_Free(self._root)
-        PyMem_Free(self._depth)
-
-    cdef int _check_shapes(
-        self,
-        const int64_t[::1] right,
-        const int64_t[::1] feature,
-        const double[::1] threshold,
-        const uint8_t[::1] missing_go_to_left,
-        const int64_t[::1] offsets,
-    ) except -1:
-        cdef Py_ssize_t n = self.n_nodes
-        if n < 1 or self.n_trees < 1 or self.n_features < 1 or self.n_values < 1:
-            raise ValueError("a forest has at least one tree, one node, one feature and one value")
-        if self.n_features > INT32_MAX:
-            raise ValueError("too many features")
-        if not (
-            right.shape[0] == n
-            and feature.shape[0] == n
-            and threshold.shape[0] == n
-            and missing_go_to_left.shape[0] == n
-            and self._value.shape[0] == n
-        ):
+        if self.n_values < 1:
+            raise ValueError("a leaf has at least one value")
+        if self._value.shape[0] != self.n_nodes:
             raise ValueError("every node array needs one entry per node")
         if not self.classifier and self.n_values != 1:
             raise ValueError("a regressor has one value per leaf")
         if not self.average and self.n_trees != 1:
             raise ValueError("only a forest (average=True) holds more than one tree")
-        if offsets[0] != 0 or offsets[self.n_trees] != n:
-            raise ValueError("offsets must start at 0 and end at the number of nodes")
-        return 0
+        self._table.fill()
 
     @cython.cdivision(True)
     def predict(self, const double[:, ::1] X not None):
@@ -243,7 +255,9 @@ cdef class CompiledForest:
         cdef float* x32 = &x32_view[0, 0]
         cdef double* acc = &acc_view[0, 0]
         cdef int64_t* index = &index_view[0] if self.classifier else NULL
-        cdef const _Node* nodes = self._nodes
+        cdef const _Node* nodes = self._table.nodes
+        cdef const int64_t* root = self._table.root
+        cdef const int64_t* depth = self._table.depth
         cdef const double* value = &self._value[0, 0]
         cdef Py_ssize_t n_trees = self.n_trees
         cdef Py_ssize_t n_pairs = n_trees * n_rows
@@ -281,10 +295,10 @@ cdef class CompiledForest:
                     start += g
                     steps = 0
                     for k in range(g):
-                        node[k] = self._root[t]
+                        node[k] = root[t]
                         pair_x[k] = x32 + r * nf
                         pair_row[k] = r
-                        steps = max(steps, self._depth[t])
+                        steps = max(steps, depth[t])
                         r += 1
                         if r == n_rows:
                             r = 0
@@ -335,8 +349,8 @@ cdef class CompiledBoosting:
       ``_predict_one_from_raw_data`` does for a numerical split. No cast: the model predicts
       on float64. Categorical splits are not compiled (``trees.py`` refuses such a model).
 
-    The leaf value lives in ``_value[node]``; a leaf's children are the leaf itself, as in
-    CompiledForest, so a walk of ``_depth[t]`` steps from ``_root[t]`` ends at a leaf.
+    The leaf value lives in ``_value[node]``; the nodes are a ``_NodeTable``, as
+    CompiledForest's.
     Immutable once built; any number of threads may call ``predict`` at once.
     """
 
@@ -345,9 +359,7 @@ cdef class CompiledBoosting:
     cdef readonly Py_ssize_t n_features
     cdef readonly Py_ssize_t n_outputs  # raw scores per row: one per class (or 1)
 
-    cdef _Node* _nodes  # owned: PyMem_Malloc / PyMem_Free, as in CompiledForest
-    cdef int64_t* _root
-    cdef int64_t* _depth
+    cdef _NodeTable _table
     cdef const double[::1] _value  # per node; a private copy
     cdef const int64_t[::1] _output  # per tree: the raw score it adds to
     cdef const double[::1] _baseline  # per output
@@ -365,55 +377,25 @@ cdef class CompiledBoosting:
         baseline,
         Py_ssize_t n_features,
     ):
-        cdef const int64_t[::1] left_ = np.ascontiguousarray(left, dtype=np.int64)
-        cdef const int64_t[::1] right_ = np.ascontiguousarray(right, dtype=np.int64)
-        cdef const int64_t[::1] feature_ = np.ascontiguousarray(feature, dtype=np.int64)
-        cdef const double[::1] threshold_ = np.ascontiguousarray(threshold, dtype=np.float64)
-        cdef const uint8_t[::1] missing_ = np.ascontiguousarray(missing_go_to_left, dtype=np.uint8)
-        cdef const int64_t[::1] offsets_ = np.ascontiguousarray(offsets, dtype=np.int64)
+        self._table = _NodeTable(left, right, feature, threshold, missing_go_to_left, offsets, n_features)
         self._value = np.array(value, dtype=np.float64, copy=True)
         self._output = np.array(output, dtype=np.int64, copy=True)
         self._baseline = np.array(baseline, dtype=np.float64, copy=True)
-        self.n_nodes = left_.shape[0]
-        self.n_trees = offsets_.shape[0] - 1
+        self.n_nodes = self._table.n_nodes
+        self.n_trees = self._table.n_trees
         self.n_features = n_features
         self.n_outputs = self._baseline.shape[0]
-        cdef Py_ssize_t n = self.n_nodes
         cdef Py_ssize_t t
-        if n < 1 or self.n_trees < 1 or self.n_features < 1 or self.n_outputs < 1:
-            raise ValueError("a model has at least one tree, one node, one feature and one output")
-        if self.n_features > INT32_MAX:
-            raise ValueError("too many features")
-        if not (
-            right_.shape[0] == n
-            and feature_.shape[0] == n
-            and threshold_.shape[0] == n
-            and missing_.shape[0] == n
-            and self._value.shape[0] == n
-        ):
+        if self.n_outputs < 1:
+            raise ValueError("a model has at least one output")
+        if self._value.shape[0] != self.n_nodes:
             raise ValueError("every node array needs one entry per node")
-        if offsets_[0] != 0 or offsets_[self.n_trees] != n:
-            raise ValueError("offsets must start at 0 and end at the number of nodes")
         if self._output.shape[0] != self.n_trees:
             raise ValueError("every tree needs the output it adds to")
         for t in range(self.n_trees):
             if not (0 <= self._output[t] < self.n_outputs):
                 raise ValueError(f"tree {t}: output {self._output[t]} is out of range")
-
-        self._nodes = <_Node*>PyMem_Malloc(n * sizeof(_Node))
-        self._root = <int64_t*>PyMem_Malloc((self.n_trees + 1) * sizeof(int64_t))
-        self._depth = <int64_t*>PyMem_Malloc(self.n_trees * sizeof(int64_t))
-        if self._nodes == NULL or self._root == NULL or self._depth == NULL:
-            raise MemoryError()  # __dealloc__ frees whichever did succeed
-        _fill_nodes(
-            self._nodes, self._root, self._depth, self.n_trees, self.n_features,
-            left_, right_, feature_, threshold_, missing_, offsets_,
-        )
-
-    def __dealloc__(self):
-        PyMem_Free(self._nodes)
-        PyMem_Free(self._root)
-        PyMem_Free(self._depth)
+        self._table.fill()
 
     def predict(self, const double[:, ::1] X not None):
         """Raw scores, float64 ``(rows, n_outputs)``; ``None`` for no rows (sklearn refuses
@@ -430,7 +412,9 @@ cdef class CompiledBoosting:
         cdef double[:, ::1] raw_view = raw_array
         cdef double* raw = &raw_view[0, 0]
         cdef const double* x = &X[0, 0]
-        cdef const _Node* nodes = self._nodes
+        cdef const _Node* nodes = self._table.nodes
+        cdef const int64_t* root = self._table.root
+        cdef const int64_t* depth = self._table.depth
         cdef const double* value = &self._value[0]
         cdef const int64_t* output = &self._output[0]
         cdef const double* baseline = &self._baseline[0]
@@ -451,8 +435,8 @@ cdef class CompiledBoosting:
                 while r0 < n_rows:
                     g = min(<Py_ssize_t>_GROUP, n_rows - r0)
                     for j in range(g):
-                        node[j] = self._root[t]
-                    for step in range(self._depth[t]):
+                        node[j] = root[t]
+                    for step in range(depth[t]):
                         for j in range(g):
                             n = &nodes[node[j]]
                             v = x[(r0 + j) * nf + n.feature]
