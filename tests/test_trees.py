@@ -652,7 +652,15 @@ def test_the_compiled_path_answers_and_sklearn_only_falls_back(data: Any) -> Non
     assert len(calls) == 1 and calls[0] is X
 
 
-def test_predict_releases_the_gil() -> None:
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ExtraTreesRegressor(n_estimators=40, random_state=0),
+        lambda: HistGradientBoostingRegressor(max_iter=50, random_state=0),
+    ],
+    ids=["forest", "boosting"],
+)
+def test_predict_releases_the_gil(make: Callable[[], Any]) -> None:
     """While one thread predicts, another keeps running Python: no long gap in its ticks.
 
     Holding the GIL through the C loop would stop the ticking thread for the whole call (the
@@ -661,8 +669,9 @@ def test_predict_releases_the_gil() -> None:
     """
     rng = np.random.default_rng(10)
     x = rng.normal(size=(4000, 8))
-    estimator = ExtraTreesRegressor(n_estimators=40, random_state=0).fit(x, rng.normal(size=4000))
-    fn = compiled(estimator)
+    estimator = make().fit(x, rng.normal(size=4000))
+    fn = compile_trees(estimator)
+    assert isinstance(fn, CompiledPredict | CompiledBoostingPredict), "expected the estimator to compile"
     X = rng.normal(size=(2000, 8))
     while True:
         start = time.perf_counter()
