@@ -818,6 +818,8 @@ def test_compiled_boosting_routes_nan_and_infinity() -> None:
     assert one_boosted_split().predict(X).tolist() == [[-0.75], [1.25], [1.25], [-0.75], [1.25]]
     nan_left = one_boosted_split(missing_go_to_left=[1, 0, 0])
     assert nan_left.predict(X).ravel().tolist() == [-0.75, 1.25, -0.75, -0.75, 1.25]
+    # Any nonzero flag is "left", as in sklearn; the walk never indexes a child with it.
+    assert one_boosted_split(missing_go_to_left=[7, 0, 0]).predict(X).tolist() == nan_left.predict(X).tolist()
     assert one_boosted_split().predict(np.zeros((0, 1))) is None
     with pytest.raises(ValueError, match="X has 2 features, expected 1"):
         one_boosted_split().predict(np.zeros((1, 2)))

@@ -73,10 +73,8 @@ cdef class _NodeTable:
     constructor takes the arrays and checks their shapes; ``fill`` checks every index a walk
     will follow and copies the nodes into ``nodes`` (PyMem_Malloc; PyMem_Free in
     ``__dealloc__``). Node k of tree t lies in [root[t], root[t + 1]) (root[n_trees] ==
-    n_nodes), and a walk from root[t] reaches a leaf in depth[t] steps and stays there after.
-    In particular each child index must be larger than its parent's and inside the parent's
-    tree (sklearn's builders add children after their parent), so a walk of ``depth`` steps
-    ends at a leaf.
+    n_nodes), and a walk from root[t] reaches a leaf in depth[t] steps and stays there after
+    (see "Memory safety" above).
     """
 
     cdef Py_ssize_t n_trees
@@ -440,7 +438,10 @@ cdef class CompiledBoosting:
                         for j in range(g):
                             n = &nodes[node[j]]
                             v = x[(r0 + j) * nf + n.feature]
-                            node[j] = n.child[<int>((v <= n.threshold) or (isnan(v) and n.missing_go_to_left))]
+                            # Comparisons only, so the index is 0 or 1 whatever the flag's byte.
+                            node[j] = n.child[
+                                <int>((v <= n.threshold) or (isnan(v) != 0 and n.missing_go_to_left != 0))
+                            ]
                     for j in range(g):
                         raw[(r0 + j) * no + out_k] += value[node[j]]
                     r0 += g
