@@ -49,6 +49,8 @@ from bench.machine import (
 from bench.report import Recorder, calibration_note, cpu_column, machine_header, start_session, table
 
 TARGETS = ("fastserve", "fastapi-batcher")
+# scikit-learn's predict in its own low-priority process (--predict-process), as /status says.
+PROCESS = "process"
 FASTSERVE_ONLY = "fastserve only: the baseline has no versions"
 
 
@@ -220,17 +222,20 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
     and times every request by status. The batch service time is the mean predict time
     per batch during the overload (``/status``). The HTTP ceiling then takes the same open
     load: how fast the bare stack answers it in full, beside fastserve's 429s (which skip the
-    body, so they can come faster). Run once per predict path: through
-    scikit-learn's predict RF-300 is the bottleneck, the case load shedding is for; compiled,
-    the model is no longer the bottleneck and 4x capacity is 4x what HTTP can carry.
+    body, so they can come faster). Run once per predict path: through scikit-learn's
+    predict RF-300 is the bottleneck, the case load shedding is for, in the worker's thread
+    and in its own process (``--predict-process``); compiled, the model is no longer the
+    bottleneck and 4x capacity is 4x what HTTP can carry.
     """
     depth, batch = args.overload_queue_depth, 64
     sections = []
     # The baseline has scikit-learn's predict only.
-    paths = (SCIKIT_LEARN, COMPILED) if args.target == "fastserve" else (SCIKIT_LEARN,)
+    paths = (SCIKIT_LEARN, PROCESS, COMPILED) if args.target == "fastserve" else (SCIKIT_LEARN,)
     for path in paths:
         name = f"{args.target}-overload-{path}"
-        settings = {"compile_trees": path == COMPILED} if args.target == "fastserve" else {}
+        settings = {}
+        if args.target == "fastserve":
+            settings = {"compile_trees": path == COMPILED, "predict_process": path == PROCESS}
         server = _server(args, name, max_queue_depth=depth, max_batch_rows=batch, **settings)
         with serving(server, args.work) as proc:
             check_predict(server, body.read_bytes())
@@ -241,6 +246,8 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
             log_file = args.work / f"{name}.h2load.tsv"
             result = run_h2load(server.url(server.predict_path), rate, args.duration, body, log_file)
             after = _predict_totals(server)
+            # Which predict v1 really ran, as the server says (None for the baseline).
+            served_by = digits_status(server)["versions"]["v1"]["predict"] if server.status_path else None
         bare = _bare_stack(args, rate, body) if args.target == "fastserve" else None
         statuses = {int(s): n for s, n in result["statuses"].items()}
         accepted, shed = statuses.get(200, 0), statuses.get(429, 0)
@@ -254,6 +261,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
                 "kind": "scenario",
                 "scenario": "overload",
                 "predict": path,
+                "served_by": served_by,
                 "max_queue_depth": depth,
                 "max_batch_rows": batch,
                 "capacity_rps": capacity["rps"],

@@ -74,3 +74,20 @@ class SlowToWarmInOneProcess:
             except FileExistsError:
                 pass
         return rows[:, 0].astype(np.int64)
+
+
+class Unruly:
+    """Echoes the first feature and prints to stdout on every call; raises ValueError when a
+    first feature is above 1000, and kills its own process when one is negative: what a
+    predict process must survive or report."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features_in_ = n_features
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        print("predicting", len(rows), "rows")  # on stdout, where a careless child replies
+        if (rows[:, 0] < 0).any():
+            os._exit(3)
+        if (rows[:, 0] > 1000).any():
+            raise ValueError("first feature above 1000")
+        return rows[:, 0].astype(np.int64)

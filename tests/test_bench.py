@@ -89,8 +89,9 @@ def test_mechanism_scenarios_run_and_lose_nothing(tmp_path: Path) -> None:
     if shutil.which("h2load") is None:
         pytest.skip("h2load is not installed (apt-get install nghttp2-client): no overload scenario")
     overload = {r["predict"]: r for r in scenarios if r["scenario"] == "overload"}
-    assert set(overload) == {"scikit-learn", "compiled"}, overload
-    for run in overload.values():
+    assert set(overload) == {"scikit-learn", "process", "compiled"}, overload
+    for path, run in overload.items():
+        assert run["served_by"] == path, run  # the server ran the predict the record names
         assert run["accepted"] > 0 and run["lost"] == 0, run
         # The bare stack (no model) took the same open load, beside fastserve's answers.
         assert run["bare_stack"]["statuses"].get("200", 0) > 0, run["bare_stack"]

@@ -180,6 +180,9 @@ class Server:
         if self._poller is not None:
             self._poller.cancel()
         await asyncio.gather(*(b.drain_and_stop(_DRAIN_TIMEOUT_S) for b in self.batchers.values()))
+        for entry in self.models.values():
+            for loaded in entry.versions.values():
+                loaded.close()
         if self.metrics is not None:
             self.metrics.stop()
         if self.store is not None:

@@ -43,6 +43,9 @@ class RepositorySettings:
     # Serve scikit-learn tree ensembles through fastserve's compiled, GIL-free predict
     # (fastserve.trees), checked equal to the estimator's own predict at load.
     compile_trees: bool = True
+    # Run the predict of every other version in its own process at nice 19
+    # (fastserve.predict_process), so that a predict holding the GIL does not hold HTTP back.
+    predict_process: bool = False
 
 
 @dataclass(frozen=True)

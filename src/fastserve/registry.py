@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings, override
 from fastserve.errors import ConfigError
+from fastserve.predict_process import PredictProcess
 from fastserve.trees import compile_trees
 
 logger = logging.getLogger("fastserve.registry")
@@ -47,8 +48,14 @@ class LoadedVersion:
     estimator: Any
     n_features: int
     artifact: str  # file name within the version directory, for /status
-    predict: Predict  # what the batcher calls: the estimator's predict, or its compiled twin
-    predict_path: str  # which of the two, for /status: "compiled" or "scikit-learn"
+    # What the batcher calls: the estimator's predict, its compiled twin, or a PredictProcess.
+    predict: Predict
+    predict_path: str  # which, for /status: "compiled", "scikit-learn" or "process"
+
+    def close(self) -> None:
+        """Stop the version's predict process, if it has one."""
+        if isinstance(self.predict, PredictProcess):
+            self.predict.close()
 
 
 @dataclass
@@ -146,25 +153,25 @@ class Registry:
 
     def _load_version(self, version_dir: Path) -> LoadedVersion:
         artifact = self._artifact(version_dir)
-        if artifact.suffix == ".skops":
-            import skops.io as sio
-
-            estimator = sio.load(artifact, trusted=list(self.trusted_types))
-        else:
-            import joblib
-
-            estimator = joblib.load(artifact)
+        estimator = load_estimator(artifact, self.trusted_types)
         n_features = getattr(estimator, "n_features_in_", None)
         if not isinstance(n_features, int | np.integer) or n_features < 1:
             raise ValueError("the estimator has no n_features_in_; fit it before saving")
         if not callable(getattr(estimator, "predict", None)):
             raise ValueError("the estimator has no predict method")
         predict: Predict = estimator.predict
+        path = "scikit-learn"
         compiled = compile_trees(estimator) if self.settings.compile_trees else None
         if compiled is not None:
-            predict = compiled
-        _warm_up(predict, int(n_features))
-        path = "compiled" if compiled is not None else "scikit-learn"
+            predict, path = compiled, "compiled"
+        elif self.settings.predict_process:
+            predict, path = PredictProcess(artifact, self.trusted_types, int(n_features)), "process"
+        try:
+            _warm_up(predict, int(n_features))
+        except BaseException:
+            if isinstance(predict, PredictProcess):
+                predict.close()
+            raise
         return LoadedVersion(version_dir.name, estimator, int(n_features), artifact.name, predict, path)
 
     def _describe(self, exc: BaseException) -> str:
@@ -183,6 +190,18 @@ class Registry:
                 "model.joblib is only loaded from a trusted repository (FASTSERVE_TRUSTED_REPOSITORY=1)"
             )
         raise FileNotFoundError("no model.skops in the version directory")
+
+
+def load_estimator(artifact: Path, trusted_types: Sequence[str]) -> Any:
+    """The estimator in ``artifact``: skops with ``trusted_types``, or joblib, whose file only a
+    trusted repository may hold (``Registry._artifact`` decides which file is loaded)."""
+    if artifact.suffix == ".skops":
+        import skops.io as sio
+
+        return sio.load(artifact, trusted=list(trusted_types))
+    import joblib
+
+    return joblib.load(artifact)
 
 
 def _version_dirs(model_dir: Path) -> list[Path]:
