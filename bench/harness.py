@@ -20,7 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,10 +400,16 @@ def _status_totals(server: Server) -> tuple[float, float] | None:
         if status != 200:
             return None
         models = json.loads(text)["models"].values()
-        versions = [v for model in models for v in model["versions"].values() if "rows" in v]
-        return float(sum(v["rows"] for v in versions)), float(sum(v["batches"] for v in versions))
+        return version_totals((v for model in models for v in model["versions"].values()), "rows")
     except (OSError, ValueError, KeyError):
         return None
+
+
+def version_totals(versions: Iterable[dict[str, Any]], field: str) -> tuple[float, float]:
+    """(sum of ``field``, sum of batches) over the versions of fastserve's ``/status`` that have
+    ``field``: a reading for ``per_batch``."""
+    counted = [v for v in versions if field in v]
+    return float(sum(v[field] for v in counted)), float(sum(v["batches"] for v in counted))
 
 
 def per_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:

@@ -39,6 +39,7 @@ from bench.harness import (
     require_wrk,
     run_h2load,
     serving,
+    version_totals,
     write_bodies,
     write_body,
 )
@@ -241,13 +242,13 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
             check_predict(server, body.read_bytes())
             wait_for_quiet(args.quiet_wait, args.reference_ms)
             capacity = measure(server, proc, args.connections, args.duration, body, args.warmup)
-            before = _predict_totals(server)
+            before = _predict_totals(_digits(server))
             rate = 4 * capacity["rps"]
             log_file = args.work / f"{name}.h2load.tsv"
             result = run_h2load(server.url(server.predict_path), rate, args.duration, body, log_file)
-            after = _predict_totals(server)
-            # Which predict v1 really ran, as the server says (None for the baseline).
-            served_by = digits_status(server)["versions"]["v1"]["predict"] if server.status_path else None
+            digits = _digits(server)
+            after = _predict_totals(digits)
+            served_by = digits and digits["versions"]["v1"]["predict"]  # which predict v1 really ran
         bare = _bare_stack(args, rate, body) if args.target == "fastserve" else None
         statuses = {int(s): n for s, n in result["statuses"].items()}
         accepted, shed = statuses.get(200, 0), statuses.get(429, 0)
@@ -309,15 +310,14 @@ def _bare_stack(args: argparse.Namespace, rate: float, body: Path) -> dict[str, 
         return run_h2load(ceiling.url(ceiling.predict_path), rate, args.duration, body, log_file)
 
 
-def _predict_totals(server: Server) -> tuple[float, float] | None:
-    """(predict seconds, batches) so far across the model's versions; None for a server without /status."""
-    if server.status_path is None:
-        return None
-    versions = digits_status(server)["versions"].values()
-    return (
-        sum(v.get("predict_seconds", 0.0) for v in versions),
-        float(sum(v.get("batches", 0) for v in versions)),
-    )
+def _digits(server: Server) -> dict[str, Any] | None:
+    """The ``digits`` part of the server's ``/status``; None for a server without one (the baseline)."""
+    return digits_status(server) if server.status_path is not None else None
+
+
+def _predict_totals(digits: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(predict seconds, batches) so far across the model's versions, for ``per_batch``."""
+    return version_totals(digits["versions"].values(), "predict_seconds") if digits else None
 
 
 def _p50s(result: dict[str, Any]) -> str:
