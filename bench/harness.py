@@ -301,7 +301,9 @@ def run_wrk(
 _MAX_CLIENTS = 512
 
 
-def run_h2load(url: str, rate: float, duration_s: int, body_file: Path, log_file: Path) -> dict[str, Any]:
+def run_h2load(
+    url: str, rate: float, duration_s: int, body_file: Path, log_file: Path, warmup_s: int = 0
+) -> dict[str, Any]:
     """An open load at ``rate`` requests/s: h2load on the client core, one thread, HTTP/1.1.
 
     wrk keeps each connection busy back to back (a closed loop): under overload its latency
@@ -319,6 +321,12 @@ def run_h2load(url: str, rate: float, duration_s: int, body_file: Path, log_file
     overflow Granian's listen backlog (1024) and wait on SYN retries. ``sent_rps`` says
     what rate h2load really offered: once answers take longer than the pacing interval,
     it falls below ``offered_rps``.
+
+    The first ``warmup_s`` seconds are load but not measured, as the warm-up before a wrk
+    run: they hold the connect storm, hundreds of connections opened within a pacing
+    interval, which a server behind long-lived connections does not see. Requests started
+    then are left out of ``statuses`` and ``latency_ms`` (``warmup_statuses`` counts them)
+    but not out of the loss figures: every request must still get its answer.
     """
     clients = min(_MAX_CLIENTS, max(16, math.ceil(rate / 10)))
     per_client = rate / clients
@@ -326,10 +334,10 @@ def run_h2load(url: str, rate: float, duration_s: int, body_file: Path, log_file
     log_file.unlink(missing_ok=True)  # h2load appends to it
     argv = pinned(CLIENT_CORE, [
         require_h2load(), "--h1", "-t1", f"-c{clients}", f"-r{per_ms}", "--rate-period=1ms",
-        f"--rps={per_client:.3f}", f"-n{math.ceil(rate * duration_s)}", f"--log-file={log_file}",
+        f"--rps={per_client:.3f}", f"-n{math.ceil(rate * (warmup_s + duration_s))}", f"--log-file={log_file}",
         "-d", str(body_file), "-H", "content-type: application/json", url,
     ])  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=10 * duration_s + 60)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=10 * (warmup_s + duration_s) + 60)
     summary = re.search(
         r"finished in ([\d.]+)s.*requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
         r"(\d+) failed, (\d+) errored, (\d+) timeout",
@@ -340,15 +348,14 @@ def run_h2load(url: str, rate: float, duration_s: int, body_file: Path, log_file
         raise HarnessError(f"h2load failed (exit {done.returncode}): {(done.stdout + done.stderr)[-500:]}")
     seconds = float(summary.group(1))
     _, started, finished, _, _, errored, timeouts = (int(n) for n in summary.groups()[1:])
-    times: dict[int, list[float]] = {}
-    for line in log_file.read_text().splitlines():
-        _, status, micros = line.split("\t")[:3]
-        times.setdefault(int(status), []).append(int(micros) / 1000)
+    times, warmup = split_h2load_log(log_file.read_text(), warmup_s)
     return {
         "clients": clients,
         "offered_rps": round(rate, 1),
         "sent_rps": round(started / seconds, 1),
-        "seconds": seconds,
+        "seconds": round(max(seconds - warmup_s, 0.001), 3),  # the measured part
+        "warmup_s": warmup_s,
+        "warmup_statuses": {str(s): n for s, n in sorted(warmup.items())},
         "statuses": {str(s): len(t) for s, t in sorted(times.items())},
         "latency_ms": {str(s): _percentiles(t) for s, t in sorted(times.items())},
         "errored": errored,
@@ -356,6 +363,24 @@ def run_h2load(url: str, rate: float, duration_s: int, body_file: Path, log_file
         # Started and never finished: h2load had no answer for them when it stopped.
         "unanswered": started - finished,
     }
+
+
+def split_h2load_log(log: str, warmup_s: float) -> tuple[dict[int, list[float]], dict[int, int]]:
+    """h2load's ``--log-file`` as (times in ms by status, measured part; count by status, warm-up).
+
+    Each line holds a request's start (microseconds since the epoch), its status and its time
+    in microseconds. The warm-up is the first ``warmup_s`` seconds after the first start.
+    """
+    logged = [line.split("\t")[:3] for line in log.splitlines()]
+    measured_from = min((int(start) for start, _, _ in logged), default=0) + warmup_s * 1_000_000
+    times: dict[int, list[float]] = {}
+    warmup: dict[int, int] = {}
+    for start, status, micros in logged:
+        if int(start) < measured_from:
+            warmup[int(status)] = warmup.get(int(status), 0) + 1
+        else:
+            times.setdefault(int(status), []).append(int(micros) / 1000)
+    return times, warmup
 
 
 _QUANTILES = (("p50", 0.50), ("p99", 0.99), ("max", 1.0))

@@ -220,13 +220,13 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
 
     Capacity is the server's throughput, measured first on the same server with wrk at
     ``--connections``. h2load then offers 4x that rate at a steady pace (see ``run_h2load``)
-    and times every request by status. The batch service time is the mean predict time
-    per batch during the overload (``/status``). The HTTP ceiling then takes the same open
-    load: how fast the bare stack answers it in full, beside fastserve's 429s (which skip the
-    body, so they can come faster). Run once per predict path: through scikit-learn's
-    predict RF-300 is the bottleneck, the case load shedding is for, in the worker's thread
-    and in its own process (``--predict-process``); compiled, the model is no longer the
-    bottleneck and 4x capacity is 4x what HTTP can carry.
+    and, after ``--warmup`` seconds of it, times every request by status. The batch service
+    time is the mean predict time per batch during the overload (``/status``). The HTTP
+    ceiling then takes the same open load: how fast the bare stack answers it in full,
+    beside fastserve's 429s (which skip the body, so they can come faster). Run once per
+    predict path: through scikit-learn's predict RF-300 is the bottleneck, the case load
+    shedding is for, in the worker's thread and in its own process (``--predict-process``);
+    compiled, the model is no longer the bottleneck and 4x capacity is 4x what HTTP can carry.
     """
     depth, batch = args.overload_queue_depth, 64
     sections = []
@@ -245,14 +245,17 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
             before = _predict_totals(_digits(server))
             rate = 4 * capacity["rps"]
             log_file = args.work / f"{name}.h2load.tsv"
-            result = run_h2load(server.url(server.predict_path), rate, args.duration, body, log_file)
+            url = server.url(server.predict_path)
+            result = run_h2load(url, rate, args.duration, body, log_file, args.warmup)
             digits = _digits(server)
             after = _predict_totals(digits)
             served_by = digits and digits["versions"]["v1"]["predict"]  # which predict v1 really ran
         bare = _bare_stack(args, rate, body) if args.target == "fastserve" else None
         statuses = {int(s): n for s, n in result["statuses"].items()}
         accepted, shed = statuses.get(200, 0), statuses.get(429, 0)
-        lost = sum(n for s, n in statuses.items() if s not in (200, 429))
+        # Lost counts the warm-up too: it is not timed, but every request must get its answer.
+        answered = [*result["statuses"].items(), *result["warmup_statuses"].items()]
+        lost = sum(n for s, n in answered if int(s) not in (200, 429))
         lost += result["errored"] + result["timeouts"] + result["unanswered"]
         batch_s = per_batch(before, after)
         accepted_p99 = result["latency_ms"].get("200", {}).get("p99")
@@ -281,6 +284,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
         rows = [
             (f"capacity (wrk, {args.connections} connections)", f"{capacity['rps']:,.0f}/s"),
             ("offered (4 × capacity) / sent", f"{rate:,.0f}/s / {result['sent_rps']:,.0f}/s"),
+            ("timed", f"{seconds:g} s, after {result['warmup_s']} s of warm-up"),
             ("accepted (200)", f"{accepted:,} ({accepted / seconds:,.0f}/s)"),
             ("shed (429)", f"{shed:,} ({shed / seconds:,.0f}/s)"),
             ("lost (other statuses, errors, timeouts, no answer)", lost),
@@ -307,7 +311,7 @@ def _bare_stack(args: argparse.Namespace, rate: float, body: Path) -> dict[str, 
     ceiling = servers.http_ceiling(name=f"http-ceiling-{rate:.0f}rps")
     with serving(ceiling, args.work):
         log_file = args.work / f"{ceiling.name}.h2load.tsv"
-        return run_h2load(ceiling.url(ceiling.predict_path), rate, args.duration, body, log_file)
+        return run_h2load(ceiling.url(ceiling.predict_path), rate, args.duration, body, log_file, args.warmup)
 
 
 def _digits(server: Server) -> dict[str, Any] | None:
