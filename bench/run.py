@@ -221,9 +221,9 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
     Capacity is the server's throughput, measured first on the same server with wrk at
     ``--connections``. h2load then offers 4x that rate at a steady pace (see ``run_h2load``)
     and, after ``--warmup`` seconds of it, times every request by status. The batch service
-    time is the mean predict time per batch during the overload (``/status``). The HTTP
-    ceiling then takes the same open load: how fast the bare stack answers it in full,
-    beside fastserve's 429s (which skip the body, so they can come faster). Run once per
+    time is the mean predict time per batch during the overload (``/status``). The refusal
+    floor then takes the same open load: Granian refusing every request at once, with no
+    model and no framework, the least time a 429 can take on this machine. Run once per
     predict path: through scikit-learn's predict RF-300 is the bottleneck, the case load
     shedding is for, in the worker's thread and in its own process (``--predict-process``);
     compiled, the model is no longer the bottleneck and 4x capacity is 4x what HTTP can carry.
@@ -250,7 +250,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
             digits = _digits(server)
             after = _predict_totals(digits)
             served_by = digits and digits["versions"]["v1"]["predict"]  # which predict v1 really ran
-        bare = _bare_stack(args, rate, body) if args.target == "fastserve" else None
+        floor = _refusal_floor(args, rate, body) if args.target == "fastserve" else None
         statuses = {int(s): n for s, n in result["statuses"].items()}
         accepted, shed = statuses.get(200, 0), statuses.get(429, 0)
         # Lost counts the warm-up too: it is not timed, but every request must get its answer.
@@ -276,7 +276,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
                 "accepted_p99_ms": accepted_p99,
                 "time_to_429_p99_ms": shed_p99,
                 "capacity_run": capacity,
-                "bare_stack": bare,
+                "refusal_floor": floor,
                 **result,
             }
         )
@@ -293,25 +293,22 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
             ("p99 time-to-429, ms (target < 5)", shed_p99),
             ("p50 of accepted / of 429s, ms", _p50s(result)),
         ]
-        if bare is not None:
-            p50, p99 = (bare["latency_ms"].get("200", {}).get(q, "n/a") for q in ("p50", "p99"))
-            figure = f"{bare['sent_rps']:,.0f}/s, {p50} / {p99}"
-            rows.append(("HTTP ceiling at the same load: sent, p50 / p99 of its answers, ms", figure))
+        if floor is not None:
+            p50, p99 = (floor["latency_ms"].get("429", {}).get(q, "n/a") for q in ("p50", "p99"))
+            rows.append(("refusal floor at the same load: p50 / p99 time-to-429, ms", f"{p50} / {p99}"))
         title = f"### {path} predict ({result['clients']} h2load connections)"
         sections.append(f"{title}\n\n" + table(("figure", "value"), rows))
     header = f"## 4. Overload, max_queue_depth={depth}, max_batch_rows={batch}, open load at 4× capacity\n\n"
     return header + "\n\n".join(sections)
 
 
-def _bare_stack(args: argparse.Namespace, rate: float, body: Path) -> dict[str, Any]:
-    """The same open load on the HTTP ceiling (Granian + Starlette + msgspec answering a
-    constant, no model, no queue): how fast this stack, reading and answering every request,
-    keeps up with that rate on this machine. It is not a strict floor under fastserve's 429s,
-    which are sent before the body is read, but it says how much of the core HTTP alone takes."""
-    ceiling = servers.http_ceiling(name=f"http-ceiling-{rate:.0f}rps")
-    with serving(ceiling, args.work):
-        log_file = args.work / f"{ceiling.name}.h2load.tsv"
-        return run_h2load(ceiling.url(ceiling.predict_path), rate, args.duration, body, log_file, args.warmup)
+def _refusal_floor(args: argparse.Namespace, rate: float, body: Path) -> dict[str, Any]:
+    """The same open load on Granian refusing every request at once (``refusal_floor``):
+    how fast a 429 can come at that rate on this machine with nothing else on the core."""
+    floor = servers.refusal_floor(name=f"refusal-floor-{rate:.0f}rps")
+    with serving(floor, args.work):
+        log_file = args.work / f"{floor.name}.h2load.tsv"
+        return run_h2load(floor.url(floor.predict_path), rate, args.duration, body, log_file, args.warmup)
 
 
 def _digits(server: Server) -> dict[str, Any] | None:

@@ -68,3 +68,9 @@ def http_ceiling(name: str = "http-ceiling") -> Server:
     """Granian + Starlette + msgspec answering a constant: no model (``bench/baselines/http_ceiling.py``)."""
     port = free_port()
     return Server(name, [sys.executable, "-m", "bench.baselines.http_ceiling", "--port", str(port)], port)
+
+
+def refusal_floor(name: str = "refusal-floor") -> Server:
+    """Granian refusing every predict with fastserve's 429, unread (``bench/baselines/refusal_floor.py``)."""
+    port = free_port()
+    return Server(name, [sys.executable, "-m", "bench.baselines.refusal_floor", "--port", str(port)], port)
