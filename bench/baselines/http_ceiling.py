@@ -9,15 +9,13 @@ answer faster on this machine, so fastserve's RPS over this one is its own overh
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
-
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from bench.baselines import serve_on_granian
 
 
 class Row(msgspec.Struct):
@@ -45,23 +43,7 @@ app = Starlette(routes=[Route("/predict/{model}", predict, methods=["POST"]), Ro
 
 
 def main() -> None:
-    from granian import Granian
-    from granian.constants import Interfaces
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8003")))
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args()
-    Granian(
-        "bench.baselines.http_ceiling:app",
-        address=args.host,
-        port=args.port,
-        interface=Interfaces.ASGI,
-        workers=args.workers,
-        log_access=False,
-        working_dir=Path(__file__).resolve().parents[2],
-    ).serve()
+    serve_on_granian("bench.baselines.http_ceiling:app", __doc__.splitlines()[0], 8003)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ answers the requests it admits on the same core.
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from typing import Any
+
+from bench.baselines import serve_on_granian
 
 _REFUSAL = b'{"error":{"code":"queue_full","message":"digits v1: queue is full (64 rows waiting)"}}'
 _REFUSED = {
@@ -41,22 +40,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def main() -> None:
-    from granian import Granian
-    from granian.constants import Interfaces
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8004")))
-    args = parser.parse_args()
-    Granian(
-        "bench.baselines.refusal_floor:app",
-        address=args.host,
-        port=args.port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        log_access=False,
-        working_dir=Path(__file__).resolve().parents[2],
-    ).serve()
+    serve_on_granian("bench.baselines.refusal_floor:app", __doc__.splitlines()[0], 8004)
 
 
 if __name__ == "__main__":
