@@ -263,6 +263,42 @@ def test_burst_past_queue_depth_gets_200_or_429_and_none_is_lost(serve: Any, tmp
     assert slow["requests"] == codes[200] and slow["shed"] == codes[429]
 
 
+def test_a_full_queue_refuses_at_once_in_the_format_asked_with_the_request_id(
+    serve: Any, tmp_path: Path
+) -> None:
+    write_joblib_model(tmp_path, "slow", "v1", SleepyModel(4, delay_s=1.0))
+    server = serve(
+        tmp_path, trusted_repository=1, max_queue_depth=1, max_batch_rows=1, queue_timeout_ms=30_000
+    )
+    url = server.url + "/predict/slow"
+    row = msgspec.json.encode({"features": [7, 0, 0, 0]})
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            # One row in predict for a second, one waiting: the queue of one row is full.
+            admitted = [asyncio.create_task(client.post(url, content=row, headers=JSON)) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            refused = [
+                await client.post(url, content=row, headers={**JSON, "x-request-id": "trace-429"}),
+                await client.post(
+                    url, content=row, headers={**JSON, "accept": "application/msgpack", "x-request-id": "t2"}
+                ),
+            ]
+            return await asyncio.gather(*admitted), refused
+
+    admitted, (as_json, as_msgpack) = asyncio.run(scenario())
+    assert [r.status_code for r in admitted] == [200, 200]
+    for response, request_id in ((as_json, "trace-429"), (as_msgpack, "t2")):
+        assert_error(response, 429, "queue_full")
+        assert response.headers["x-request-id"] == request_id
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.elapsed.total_seconds() < 0.5  # refused at once, not after the predict
+    assert as_json.headers["content-type"] == "application/json"
+    assert as_msgpack.headers["content-type"] == "application/msgpack"
+    slow = status_of(server)["models"]["slow"]["versions"]["v1"]
+    assert slow["shed"] == 2 and slow["requests"] == 2
+
+
 def test_requests_past_the_queue_deadline_get_504(serve: Any, tmp_path: Path) -> None:
     write_joblib_model(tmp_path, "slow", "v1", SleepyModel(4, delay_s=0.3))
     server = serve(tmp_path, trusted_repository=1, max_batch_rows=1, queue_timeout_ms=100)

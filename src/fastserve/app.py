@@ -47,6 +47,7 @@ from fastserve.errors import (
     FastServeError,
     MethodNotAllowed,
     NotReady,
+    QueueFull,
     TooManyRows,
     Unauthorized,
     UnknownModel,
@@ -294,7 +295,11 @@ class PredictEndpoint:
             else:
                 batcher, mirror = server.router.pinned(params["model"], version), None
             chosen = batcher.version
-            batcher.check_room()
+            if batcher.full:
+                # Under overload most requests end here: no exception, one send each.
+                await _send_refusal(send, batcher.shed(), out_format, request_id)
+                self._refused(params["model"], chosen, 429)
+                return
             limits = server.models[batcher.model].limits
             body = await self._bodies.read(
                 receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
@@ -413,6 +418,17 @@ async def _send_error(send: Send, error: FastServeError, fmt: WireFormat, reques
         *((name.encode(), value.encode()) for name, value in error.headers.items()),
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
+
+
+async def _send_refusal(send: Send, error: QueueFull, fmt: WireFormat, request_id: bytes) -> None:
+    """``_send_error`` for the 429 of a full queue, the error sent most under overload."""
+    headers = [
+        (b"content-type", _CONTENT_TYPE[fmt]),
+        (b"x-request-id", request_id),
+        (b"retry-after", b"%d" % error.retry_after_s),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
     await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
 
 

@@ -155,7 +155,7 @@ class Batcher:
         """
         future = self._enqueue(request)
         if future is None:
-            raise self._refusal()
+            raise self.shed()
         return future
 
     def offer(self, request: PredictRequest) -> asyncio.Future[list[Any]] | None:
@@ -197,13 +197,14 @@ class Batcher:
             self._schedule()
         return future
 
-    def check_room(self) -> None:
-        """Refuse at once when the queue is already full: before its body is read and
-        decoded, a refused request costs the event loop (and so the model) the least."""
-        if self.queue.queued_rows >= self.queue.max_queue_depth:
-            raise self._refusal()
+    @property
+    def full(self) -> bool:
+        """No room for another row. Checked before a request's body is read and decoded,
+        so that a refused request costs the event loop (and so the model) the least."""
+        return self.queue.queued_rows >= self.queue.max_queue_depth
 
-    def _refusal(self) -> QueueFull:
+    def shed(self) -> QueueFull:
+        """Count one request refused for want of room, and the error that answers it."""
         self.stats.shed += 1
         return QueueFull(
             f"{self.model} {self.version}: queue is full ({self.queue.queued_rows} rows waiting)",
