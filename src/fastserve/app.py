@@ -296,7 +296,7 @@ class PredictEndpoint:
                 batcher, mirror = server.router.pinned(params["model"], version), None
             chosen = batcher.version
             if batcher.full:
-                # Under overload most requests end here: no exception, one send each.
+                # Under overload most requests end here: no exception, no generic error path.
                 await _send_refusal(send, batcher.shed(), out_format, request_id)
                 self._refused(params["model"], chosen, 429)
                 return
