@@ -219,8 +219,9 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
     """A small queue under an open load at 4x the server's capacity: accepted, shed, how fast, lost.
 
     Capacity is the server's throughput, measured first on the same server with wrk at
-    ``--connections``. h2load then offers 4x that rate at a steady pace (see ``run_h2load``)
-    and, after ``--warmup`` seconds of it, times every request by status. The batch service
+    ``--connections``. h2load then offers 4x that rate at a steady pace, over HTTP/2 where
+    the server speaks it, so that the load stays open (see ``run_h2load``), and, after
+    ``--warmup`` seconds of it, times every request by status. The batch service
     time is the mean predict time per batch during the overload (``/status``). The refusal
     floor then takes the same open load: Granian refusing every request at once, with no
     model and no framework, the least time a 429 can take on this machine. Run once per
@@ -246,7 +247,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
             rate = 4 * capacity["rps"]
             log_file = args.work / f"{name}.h2load.tsv"
             url = server.url(server.predict_path)
-            result = run_h2load(url, rate, args.duration, body, log_file, args.warmup)
+            result = run_h2load(url, rate, args.duration, body, log_file, args.warmup, server.http2)
             digits = _digits(server)
             after = _predict_totals(digits)
             served_by = digits and digits["versions"]["v1"]["predict"]  # which predict v1 really ran
@@ -296,7 +297,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
         if floor is not None:
             p50, p99 = (floor["latency_ms"].get("429", {}).get(q, "n/a") for q in ("p50", "p99"))
             rows.append(("refusal floor at the same load: p50 / p99 time-to-429, ms", f"{p50} / {p99}"))
-        title = f"### {path} predict ({result['clients']} h2load connections)"
+        title = f"### {path} predict ({result['clients']} h2load connections, {result['protocol']})"
         sections.append(f"{title}\n\n" + table(("figure", "value"), rows))
     header = f"## 4. Overload, max_queue_depth={depth}, max_batch_rows={batch}, open load at 4× capacity\n\n"
     return header + "\n\n".join(sections)
@@ -308,7 +309,8 @@ def _refusal_floor(args: argparse.Namespace, rate: float, body: Path) -> dict[st
     floor = servers.refusal_floor(name=f"refusal-floor-{rate:.0f}rps")
     with serving(floor, args.work):
         log_file = args.work / f"{floor.name}.h2load.tsv"
-        return run_h2load(floor.url(floor.predict_path), rate, args.duration, body, log_file, args.warmup)
+        url = floor.url(floor.predict_path)
+        return run_h2load(url, rate, args.duration, body, log_file, args.warmup, floor.http2)
 
 
 def _digits(server: Server) -> dict[str, Any] | None:

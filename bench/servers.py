@@ -43,7 +43,7 @@ def fastserve(repository: Path, name: str = "fastserve", **settings: object) -> 
         else:
             argv += [f"--{flag}", str(value)]
     # Until /metrics lands (issue 5), the batch counts come from /status.
-    return Server(name, argv, port, status_path="/status")
+    return Server(name, argv, port, status_path="/status", http2=True)
 
 
 def fastapi_batcher(model: Path, name: str = "fastapi-batcher", **settings: object) -> Server:
@@ -67,10 +67,12 @@ def litserve(model: Path, stats_dir: Path, name: str = "litserve") -> Server:
 def http_ceiling(name: str = "http-ceiling") -> Server:
     """Granian + Starlette + msgspec answering a constant: no model (``bench/baselines/http_ceiling.py``)."""
     port = free_port()
-    return Server(name, [sys.executable, "-m", "bench.baselines.http_ceiling", "--port", str(port)], port)
+    argv = [sys.executable, "-m", "bench.baselines.http_ceiling", "--port", str(port)]
+    return Server(name, argv, port, http2=True)
 
 
 def refusal_floor(name: str = "refusal-floor") -> Server:
     """Granian refusing every predict with fastserve's 429, unread (``bench/baselines/refusal_floor.py``)."""
     port = free_port()
-    return Server(name, [sys.executable, "-m", "bench.baselines.refusal_floor", "--port", str(port)], port)
+    argv = [sys.executable, "-m", "bench.baselines.refusal_floor", "--port", str(port)]
+    return Server(name, argv, port, http2=True)

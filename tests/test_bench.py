@@ -93,6 +93,8 @@ def test_mechanism_scenarios_run_and_lose_nothing(tmp_path: Path) -> None:
     for path, run in overload.items():
         assert run["served_by"] == path, run  # the server ran the predict the record names
         assert run["accepted"] > 0 and run["lost"] == 0, run
+        # Multiplexed, so that the load stays open (see harness.run_h2load).
+        assert run["protocol"] == run["refusal_floor"]["protocol"] == "h2c", run
         # The refusal floor (Granian refusing all, no model) took the same open load.
         assert run["refusal_floor"]["statuses"].get("429", 0) > 0, run["refusal_floor"]
     # Through scikit-learn's predict RF-300 is the bottleneck: 4x its capacity must be shed.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from bench.harness import split_h2load_log
+import pytest
+from bench.harness import h2load_plan, split_h2load_log
 
 _T0 = 1_795_570_243_000_000  # a start time in microseconds since the epoch, as h2load logs it
 
@@ -30,3 +31,21 @@ def test_h2load_log_without_warm_up_times_every_request() -> None:
     log = "\n".join([_line(0.0, 429, 50.0), _line(0.5, 200, 90.0)])
     assert split_h2load_log(log, warmup_s=0) == ({429: [50.0], 200: [90.0]}, {})
     assert split_h2load_log("", warmup_s=2) == ({}, {})
+
+
+def test_an_http2_load_keeps_a_second_of_each_connections_pace_in_flight() -> None:
+    # Under overload an accepted request takes hundreds of milliseconds: a connection that
+    # could not send its next requests meanwhile would send them together when it is answered.
+    for rate in (100, 5_000, 40_000):
+        clients, per_client, flags = h2load_plan(rate, http2=True)
+        assert clients * per_client == pytest.approx(rate)
+        streams = int(flags[flags.index("-m") + 1])
+        assert streams >= per_client * 1.0, (rate, clients, streams)
+        assert "--h1" not in flags
+
+
+def test_an_http1_load_paces_each_connection_every_100_ms_within_the_backlog() -> None:
+    clients, per_client, flags = h2load_plan(5_000, http2=False)
+    assert flags == ["--h1"]
+    assert (clients, per_client) == (500, 10.0)
+    assert h2load_plan(40_000, http2=False)[0] == 512
