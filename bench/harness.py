@@ -358,16 +358,10 @@ def run_h2load(
         "-d", str(body_file), "-H", "content-type: application/json", url,
     ])  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=10 * (warmup_s + duration_s) + 60)
-    summary = re.search(
-        r"finished in ([\d.]+)s.*requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
-        r"(\d+) failed, (\d+) errored, (\d+) timeout",
-        done.stdout,
-        re.DOTALL,
-    )
+    summary = parse_h2load_summary(done.stdout)
     if done.returncode != 0 or summary is None:
         raise HarnessError(f"h2load failed (exit {done.returncode}): {(done.stdout + done.stderr)[-500:]}")
-    seconds = float(summary.group(1))
-    _, started, finished, _, _, errored, timeouts = (int(n) for n in summary.groups()[1:])
+    seconds, started, finished, errored, timeouts = summary
     times, warmup = split_h2load_log(log_file.read_text(), warmup_s)
     return {
         "protocol": "h2c" if http2 else "http/1.1",
@@ -384,6 +378,27 @@ def run_h2load(
         # Started and never finished: h2load had no answer for them when it stopped.
         "unanswered": started - finished,
     }
+
+
+_H2LOAD_SUMMARY = re.compile(
+    r"finished in ([\d.]+)(s|ms|us),.*requests: (\d+) total, (\d+) started, (\d+) done, "
+    r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
+    re.DOTALL,
+)
+_SECONDS_PER = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def parse_h2load_summary(stdout: str) -> tuple[float, int, int, int, int] | None:
+    """(seconds, started, finished, errored, timeouts) from h2load's summary; None if absent.
+
+    h2load gives the run's length in the largest unit below it: ``finished in 1.02s`` but
+    ``finished in 998.64ms``.
+    """
+    found = _H2LOAD_SUMMARY.search(stdout)
+    if found is None:
+        return None
+    value, unit, _, started, finished, _, _, errored, timeouts = found.groups()
+    return float(value) * _SECONDS_PER[unit], int(started), int(finished), int(errored), int(timeouts)
 
 
 def h2load_plan(rate: float, http2: bool) -> tuple[int, float, list[str]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from bench.harness import h2load_plan, split_h2load_log
+from bench.harness import h2load_plan, parse_h2load_summary, split_h2load_log
 
 _T0 = 1_795_570_243_000_000  # a start time in microseconds since the epoch, as h2load logs it
 
@@ -51,3 +51,19 @@ def test_an_http1_load_paces_each_connection_every_100_ms_within_the_backlog() -
     assert flags == ["--h1"]
     assert (clients, per_client) == (500, 10.0)
     assert h2load_plan(40_000, http2=False)[0] == 512
+
+
+_H2LOAD_OUT = """finished in {took}, 4274.00 req/s, 483.63KB/s
+requests: 4300 total, 4290 started, 4280 done, 6 succeeded, 4274 failed, 3 errored, 2 timeout
+status codes: 6 2xx, 0 3xx, 4274 4xx, 0 5xx
+"""
+
+
+def test_h2load_summary_reads_the_run_length_in_any_unit() -> None:
+    # A run shorter than a second is reported in milliseconds (a smoke run in CI was).
+    for took, seconds in (("1.25s", 1.25), ("998.64ms", 0.99864), ("850.00us", 0.00085)):
+        parsed = parse_h2load_summary(_H2LOAD_OUT.format(took=took))
+        assert parsed is not None, took
+        assert parsed[0] == pytest.approx(seconds)
+        assert parsed[1:] == (4290, 4280, 3, 2)
+    assert parse_h2load_summary("h2load: could not connect") is None
