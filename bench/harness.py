@@ -330,7 +330,7 @@ def run_h2load(
     too: on RF-300 at 4x capacity, h2load sent 8x its mean rate in the millisecond after each
     batch's answers, and the 429s of that burst set the p99. With ``http2`` (the server must
     speak h2c) each connection multiplexes several requests (see ``h2load_plan``), so a send
-    does not wait for another request's answer: the same run then sent 1.5x its mean rate in
+    does not wait for another request's answer: the same runs then sent 1.3-1.5x the mean in
     that millisecond and its mean rate after. Without it (a server that speaks only
     HTTP/1.1), the load is open only while answers come within a pacing interval.
 
@@ -405,7 +405,7 @@ def h2load_plan(rate: float, http2: bool) -> tuple[int, float, list[str]]:
     """(connections, requests/s per connection, protocol flags) for an open load at ``rate``.
 
     Over HTTP/2, ``_H2_CLIENTS`` connections of ``_H2_STREAMS`` streams each. At RF-300's 4x
-    capacity here (about 7,000/s) a connection may hold 140 ms of its pace in flight, while
+    capacity here (about 7,000/s) a connection may hold 146 ms of its pace in flight, while
     it holds two requests on average (most are 429s, answered in a millisecond or two). A
     server that cannot carry the rate at all (the compiled path at 4x what HTTP carries)
     gets ``_H2_CLIENTS * _H2_STREAMS`` requests in flight, not an unbounded pile: a client
