@@ -331,7 +331,7 @@ def run_h2load(
     batch's answers, and the 429s of that burst set the p99. With ``http2`` (the server must
     speak h2c) each connection multiplexes several requests (see ``h2load_plan``), so a send
     does not wait for another request's answer: the same runs then sent 1.3-1.5x the mean in
-    that millisecond and its mean rate after. Without it (a server that speaks only
+    that millisecond and the mean after it. Without it (a server that speaks only
     HTTP/1.1), the load is open only while answers come within a pacing interval.
 
     h2load starts every connection's pacing timer at the moment it connects: connections
