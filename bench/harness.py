@@ -350,7 +350,7 @@ def run_h2load(
     but not out of the loss figures: every request must still get its answer.
     """
     clients, per_client, protocol = h2load_plan(rate, http2)
-    per_ms = math.ceil(clients * per_client / 1000)  # opened in one pacing interval (1 / per_client s)
+    per_ms = math.ceil(rate / 1000)  # connections opened per ms: all in one pacing interval
     log_file.unlink(missing_ok=True)  # h2load appends to it
     argv = pinned(CLIENT_CORE, [
         require_h2load(), *protocol, "-t1", f"-c{clients}", f"-r{per_ms}", "--rate-period=1ms",
