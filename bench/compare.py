@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import models, servers
-from bench.compute_ceiling import BATCH_SIZES, COMPILED, SCIKIT_LEARN
+from bench.compute_ceiling import BATCH_SIZES, COMPILED, PROCESS, SCIKIT_LEARN
 from bench.harness import (
     RESULTS_DIR,
     HarnessError,
@@ -58,7 +58,8 @@ from bench.report import (
 # fastserve-nometrics: the same server with --no-metrics, to show what metrics cost.
 # fastserve-sklearn: the same server calling scikit-learn's predict, as the peers do, to show
 # what is the server's doing and what is the compiled trees' (and the server's overhead
-# against scikit-learn's ceiling).
+# against scikit-learn's ceiling). It runs where --predict-process auto puts it: for RF-300,
+# in a predict process (/status says which).
 VARIANTS: dict[str, dict[str, object]] = {
     "fastserve": {},
     "fastserve-sklearn": {"compile_trees": False},
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             ceiling_table(ceilings[predict]),
             "",
         ]
+    ceilings[PROCESS] = ceilings[SCIKIT_LEARN]  # the predict process runs scikit-learn's predict
     report.append(f"Core-0 calibration just before: {calibration:.0f} ms.\n")
 
     args.suite, args.model_path = "rf300", models.model_path("rf300")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import models, servers
-from bench.compute_ceiling import COMPILED, SCIKIT_LEARN
+from bench.compute_ceiling import COMPILED, PROCESS, SCIKIT_LEARN
 from bench.harness import (
     H2LOAD_MISSING,
     RESULTS_DIR,
@@ -50,8 +50,6 @@ from bench.machine import (
 from bench.report import Recorder, calibration_note, cpu_column, machine_header, start_session, table
 
 TARGETS = ("fastserve", "fastapi-batcher")
-# scikit-learn's predict in its own low-priority process (--predict-process), as /status says.
-PROCESS = "process"
 FASTSERVE_ONLY = "fastserve only: the baseline has no versions"
 
 
@@ -226,7 +224,8 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
     floor then takes the same open load: Granian refusing every request at once, with no
     model and no framework, the least time a 429 can take on this machine. Run once per
     predict path: through scikit-learn's predict RF-300 is the bottleneck, the case load
-    shedding is for, in the worker's thread and in its own process (``--predict-process``);
+    shedding is for, in the worker's thread (``--predict-process off``) and in its own
+    process (``on``, which the default ``auto`` chooses for RF-300's scikit-learn predict);
     compiled, the model is no longer the bottleneck and 4x capacity is 4x what HTTP can carry.
     """
     depth, batch = args.overload_queue_depth, 64
@@ -237,7 +236,11 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
         name = f"{args.target}-overload-{path}"
         settings = {}
         if args.target == "fastserve":
-            settings = {"compile_trees": path == COMPILED, "predict_process": path == PROCESS}
+            # Each path named, not left to --predict-process auto, which sends RF-300 to a process.
+            settings = {
+                "compile_trees": path == COMPILED,
+                "predict_process": "on" if path == PROCESS else "off",
+            }
         server = _server(args, name, max_queue_depth=depth, max_batch_rows=batch, **settings)
         with serving(server, args.work) as proc:
             check_predict(server, body.read_bytes())

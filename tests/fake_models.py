@@ -28,6 +28,21 @@ class SleepyModel:
         return rows[:, 0].astype(np.int64)
 
 
+class BusyModel:
+    """Predicts the row's first feature (as an int) after spinning ``cpu_s_per_row`` of its
+    thread's CPU per row in Python, holding the GIL throughout: a GIL-heavy model."""
+
+    def __init__(self, n_features: int, cpu_s_per_row: float) -> None:
+        self.n_features_in_ = n_features
+        self.cpu_s_per_row = cpu_s_per_row
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        until = time.thread_time() + self.cpu_s_per_row * len(rows)
+        while time.thread_time() < until:
+            pass
+        return rows[:, 0].astype(np.int64)
+
+
 class FailOnNegative:
     """Echoes the first feature, and fails the whole call when any row's first feature is < 0."""
 

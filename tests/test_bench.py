@@ -62,7 +62,8 @@ def test_compare_runs_every_server_and_both_ceilings(tmp_path: Path) -> None:
     # Each server is compared with the ceiling of the predict it really ran (its /status says).
     predicts = {server: run["predict"] for (suite, server), run in runs.items() if suite == "rf300"}
     assert predicts["fastserve"] == "compiled", predicts
-    assert predicts["fastserve-sklearn"] == predicts["fastapi-batcher"] == "scikit-learn", predicts
+    # RF-300's scikit-learn predict holds the GIL 20+ ms a batch: --predict-process auto moves it.
+    assert predicts["fastserve-sklearn"] == "process" and predicts["fastapi-batcher"] == "scikit-learn"
     assert runs["logreg", "fastserve"]["predict"] == "scikit-learn"
     for path in ("scikit-learn", "compiled"):
         ceiling = [

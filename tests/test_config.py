@@ -115,6 +115,8 @@ def test_field_names_are_unique_across_groups() -> None:
         ("FASTSERVE_MAX_BODY_BYTES", "65536", "limits", "max_body_bytes", 65536),
         ("FASTSERVE_MAX_ROWS_PER_REQUEST", "1", "limits", "max_rows_per_request", 1),
         ("FASTSERVE_BODY_TIMEOUT_MS", "1e3", "limits", "body_timeout_ms", 1000.0),
+        ("FASTSERVE_PREDICT_PROCESS", "on", "repository", "predict_process", "on"),
+        ("FASTSERVE_PREDICT_PROCESS", "off", "repository", "predict_process", "off"),
     ],
 )
 def test_from_env_parses_each_field(
@@ -153,6 +155,20 @@ def test_from_env_false_bools(raw: str) -> None:
 def test_from_env_invalid_value_names_the_variable(variable: str, raw: str, kind: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{variable}={raw!r} is not a valid {kind}$"):
         Settings.from_env({variable: raw})
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "sometimes", "ON", ""])
+def test_a_choice_outside_its_list_names_the_variable_and_the_choices(raw: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"^FASTSERVE_PREDICT_PROCESS={raw!r} must be one of auto, on, off$"
+    ):
+        Settings.from_env({"FASTSERVE_PREDICT_PROCESS": raw})
+
+
+def test_a_choice_flag_refuses_what_is_not_a_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--predict-process", "sometimes"])
+    assert "--predict-process: invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
 LOWEST = {"batch_window_ms": 0, "port": 0}
@@ -324,6 +340,9 @@ def test_every_field_has_a_flag_and_an_env_var(
     flag = "--" + f.name.replace("_", "-")
     if f.type == "bool":
         argv, expected_env, expected = [flag], "1", True
+    elif "choices" in f.metadata:
+        expected = expected_env = next(c for c in f.metadata["choices"] if c != f.default)
+        argv = [flag, expected]
     elif f.type == "tuple[str, ...]":
         argv, expected_env, expected = [flag, "a.B,c.D"], "a.B,c.D", ("a.B", "c.D")
     else:

@@ -164,7 +164,7 @@ def test_tree_models_are_served_through_the_compiled_predict(
 
 def test_compile_trees_off_serves_scikit_learns_predict(repo: Path, forest: RandomForestClassifier) -> None:
     write_skops(repo, "iris", "v1", forest)
-    loaded = load(repo, compile_trees=False)["iris"].versions["v1"]
+    loaded = load(repo, compile_trees=False, predict_process="off")["iris"].versions["v1"]
     assert loaded.predict_path == "scikit-learn"
     assert loaded.predict == loaded.estimator.predict
 

@@ -43,9 +43,11 @@ class RepositorySettings:
     # Serve scikit-learn tree ensembles through fastserve's compiled, GIL-free predict
     # (fastserve.trees), checked equal to the estimator's own predict at load.
     compile_trees: bool = True
-    # Run the predict of every other version in its own process at nice 19
-    # (fastserve.predict_process), so that a predict holding the GIL does not hold HTTP back.
-    predict_process: bool = False
+    # Where the predict of a version the compiled predict does not take runs: "on", in its own
+    # process at nice 19 (fastserve.predict_process), so that a predict holding the GIL does not
+    # hold HTTP back; "off", in the worker's thread; "auto", in a process when a full batch
+    # holds the thread longer than registry.PROCESS_ABOVE_MS, measured at load.
+    predict_process: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,9 @@ def validate(group: _T, where: str = "") -> _T:
         value = getattr(group, f.name)
         if f.name == "admin_token" and 0 < len(value) < MIN_TOKEN_LENGTH:
             raise ConfigError(f"{env_name(f.name)} must be at least {MIN_TOKEN_LENGTH} characters")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{env_name(f.name)}={value!r} must be one of {', '.join(choices)}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         name = f"{where}: {f.name}" if where else env_name(f.name)
@@ -199,6 +204,10 @@ def add_arguments(parser: argparse.ArgumentParser, *groups: type[Any]) -> None:
             helptext = f"(env {env_name(f.name)}, default {f.default!r})"
             if kind == "bool":
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+            elif "choices" in f.metadata:
+                parser.add_argument(
+                    flag, dest=f.name, default=None, choices=f.metadata["choices"], help=helptext
+                )
             else:
                 parser.add_argument(flag, dest=f.name, default=None, metavar=kind.upper(), help=helptext)
 

@@ -10,7 +10,9 @@ reason and never served.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,17 @@ TRUSTED_TYPES = (
     "sklearn.tree._tree.Tree",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
 )
+
+# Under predict_process="auto", a version whose predict of a full batch holds the worker's
+# thread longer than this runs in a predict process instead. In the thread it would hold the
+# GIL about that long each batch, and every request arriving meanwhile, even one refused with
+# a 429, would wait for it: RF-300 on scikit-learn's predict holds it 23.5 ms a batch of 64.
+# Up to 2 ms, a refusal's wait stays within the 5 ms time-to-429 target beside HTTP's own
+# (p99 about 2 ms), and a process would cost a copy of the model and a pipe's round trip
+# (about 0.1 ms a batch) for little. The small models stay in the thread with a margin: a
+# LogisticRegression holds it 0.2 ms, a 10-tree forest or a KNN classifier about 1 ms, which
+# is mostly scikit-learn's fixed cost per call.
+PROCESS_ABOVE_MS = 2.0
 
 # What the batcher calls on a batch of rows: one prediction per row.
 Predict = Callable[[np.ndarray[Any, Any]], Any]
@@ -142,7 +155,7 @@ class Registry:
         )
         for version_dir in _version_dirs(model_dir):
             try:
-                entry.versions[version_dir.name] = self._load_version(version_dir)
+                entry.versions[version_dir.name] = self._load_version(version_dir, entry.batching)
             except Exception as exc:  # any failure makes the version unservable, not the server
                 reason = self._describe(exc)
                 entry.failed[version_dir.name] = reason
@@ -151,7 +164,7 @@ class Registry:
             entry.stable = max(entry.versions, key=version_key)
         return entry
 
-    def _load_version(self, version_dir: Path) -> LoadedVersion:
+    def _load_version(self, version_dir: Path, batching: BatchSettings) -> LoadedVersion:
         artifact = self._artifact(version_dir)
         estimator = load_estimator(artifact, self.trusted_types)
         n_features = getattr(estimator, "n_features_in_", None)
@@ -164,7 +177,7 @@ class Registry:
         compiled = compile_trees(estimator) if self.settings.compile_trees else None
         if compiled is not None:
             predict, path = compiled, "compiled"
-        elif self.settings.predict_process:
+        elif self._in_a_process(version_dir, predict, int(n_features), batching.max_batch_rows):
             predict, path = PredictProcess(artifact, self.trusted_types, int(n_features)), "process"
         try:
             _warm_up(predict, int(n_features))
@@ -173,6 +186,22 @@ class Registry:
                 predict.close()
             raise
         return LoadedVersion(version_dir.name, estimator, int(n_features), artifact.name, predict, path)
+
+    def _in_a_process(self, version_dir: Path, predict: Predict, n_features: int, batch_rows: int) -> bool:
+        """Whether the version's predict goes to a PredictProcess (settings.predict_process)."""
+        if self.settings.predict_process != "auto":
+            return self.settings.predict_process == "on"
+        held_ms = _thread_ms(predict, n_features, batch_rows)
+        in_a_process = held_ms > PROCESS_ABOVE_MS
+        logger.info(
+            "%s %s: a batch of %d rows holds the thread %.2f ms: predict in %s",
+            version_dir.parent.name,
+            version_dir.name,
+            batch_rows,
+            held_ms,
+            "a process" if in_a_process else "the worker's thread",
+        )
+        return in_a_process
 
     def _describe(self, exc: BaseException) -> str:
         # Reasons go to /status: the exception's type and message, never a traceback or a path.
@@ -230,6 +259,19 @@ def _read_model_toml(model_dir: Path, root: Path) -> dict[str, Any]:
         if not isinstance(config.get(table, {}), dict):
             raise ConfigError(f"{where}: {table} must be a table ([{table}])")
     return config
+
+
+def _thread_ms(predict: Predict, n_features: int, batch_rows: int) -> float:
+    """The calling thread's CPU time in one predict of a full batch of zeros, in ms: the least
+    of three calls, so that one-off first-call costs do not count. A predict holds the GIL for
+    at most this long; one that sleeps or waits on other threads costs the thread little."""
+    rows = np.zeros((batch_rows, n_features))
+    least = math.inf
+    for _ in range(3):
+        start = time.thread_time_ns()
+        predict(rows)
+        least = min(least, time.thread_time_ns() - start)
+    return least / 1e6
 
 
 def _warm_up(predict: Predict, n_features: int) -> None:
