@@ -1,12 +1,14 @@
-"""A version's predict in its own process at the lowest CPU priority (``--predict-process``).
+"""A version's predict in its own process at the lowest CPU priority (``--predict-process``;
+under the default ``auto``, the registry sends a version here when its predict of a full batch
+holds the worker's thread more than ``registry.PROCESS_ABOVE_MS``).
 
 scikit-learn's own predict holds the GIL for most of its run. In a thread beside the event
 loop, every request that arrives meanwhile, even one refused with a 429, waits for the
 loop's turn on the GIL; and a low-priority thread does not help, because the loop then waits
 on the lock the starved thread holds. In a process of its own at nice 19, the predict holds
 no lock the loop needs, and the OS gives the core to HTTP the moment a request arrives. On
-the 2-core VM of the README, RF-300 on scikit-learn's predict under 4x overload answered
-429s at p99 8.4-9.7 ms this way, against 25-47 ms in the thread.
+the 2-core VM of the README, RF-300 on scikit-learn's predict under an open load at 4x its
+capacity answered 429s at p99 2.9-5.2 ms this way, against 42-279 ms in the thread.
 
 Only versions the compiled tree predict does not take run here: it releases the GIL itself.
 
