@@ -150,6 +150,9 @@ def _group_from_env(cls: Any, env: Mapping[str, str]) -> Any:
         for f in fields(cls)
         if env_name(f.name) in env
     }
+    for f in fields(cls):
+        if f.name in values and "choices" in f.metadata:  # read like the bools: " On " is "on"
+            values[f.name] = values[f.name].strip().lower()
     return validate(cls(**values))
 
 
