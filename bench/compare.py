@@ -54,7 +54,9 @@ from bench.report import (
 )
 
 # fastserve-batch256: the same server with max_batch_rows=256, to show throughput rising
-# with the batch where there are enough requests in flight to fill it (c=256).
+# with the batch where there are enough requests in flight to fill it (c=256). On the compiled
+# predict HTTP sets the throughput, so fastserve-sklearn-batch256 shows the same where the
+# model's fixed cost per call does (RF-300 on scikit-learn: 31 ms for 64 rows, 45 ms for 256).
 # fastserve-nometrics: the same server with --no-metrics, to show what metrics cost.
 # fastserve-sklearn: the same server calling scikit-learn's predict, as the peers do, to show
 # what is the server's doing and what is the compiled trees' (and the server's overhead
@@ -64,6 +66,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "fastserve": {},
     "fastserve-sklearn": {"compile_trees": False},
     "fastserve-batch256": {"max_batch_rows": 256},
+    "fastserve-sklearn-batch256": {"compile_trees": False, "max_batch_rows": 256},
     "fastserve-nometrics": {"metrics": False},
 }
 SERVERS = (*VARIANTS, "fastapi-batcher", "litserve", "http-ceiling")
