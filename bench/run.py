@@ -43,6 +43,7 @@ from bench.harness import (
     write_bodies,
     write_body,
 )
+from bench.local_batch import latency_in_local_batches
 from bench.machine import (
     calibrate,
     wait_for_quiet,
@@ -262,6 +263,9 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
         lost = sum(n for s, n in answered if int(s) not in (200, 429))
         lost += result["errored"] + result["timeouts"] + result["unanswered"]
         batch_s = per_batch(before, after)
+        in_batches = None
+        if batch_s:
+            in_batches = latency_in_local_batches(log_file.read_text(), args.warmup, batch_s * 1000)
         accepted_p99 = result["latency_ms"].get("200", {}).get("p99")
         shed_p99 = result["latency_ms"].get("429", {}).get("p99")
         recorder.add(
@@ -278,6 +282,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
                 "lost": lost,
                 "batch_service_ms": batch_s and round(batch_s * 1000, 2),
                 "accepted_p99_ms": accepted_p99,
+                "accepted_in_local_batches": in_batches,
                 "time_to_429_p99_ms": shed_p99,
                 "capacity_run": capacity,
                 "refusal_floor": floor,
@@ -294,6 +299,7 @@ def overload(args: argparse.Namespace, body: Path, recorder: Recorder) -> str:
             ("lost (other statuses, errors, timeouts, no answer)", lost),
             ("batch service time, ms (mean predict per batch)", batch_s and f"{batch_s * 1000:.2f}"),
             ("p99 of accepted, ms (target ≤ 3 × batch service time)", accepted_p99),
+            ("accepted p50 / p99, in batch times of the moment (answer bursts)", _in_batches(in_batches)),
             ("p99 time-to-429, ms (target < 5)", shed_p99),
             ("p50 of accepted / of 429s, ms", _p50s(result)),
         ]
@@ -324,6 +330,16 @@ def _digits(server: Server) -> dict[str, Any] | None:
 def _predict_totals(digits: dict[str, Any] | None) -> tuple[float, float] | None:
     """(predict seconds, batches) so far across the model's versions, for ``per_batch``."""
     return version_totals(digits["versions"].values(), "predict_seconds") if digits else None
+
+
+def _in_batches(figures: dict[str, Any] | None) -> str:
+    if not figures:
+        return "n/a (batches too short to tell their answers apart)"
+    interval = figures["burst_interval_ms"]
+    return (
+        f"{figures['p50']} / {figures['p99']} ({figures['bursts']} bursts of {figures['mean_burst']} answers,"
+        f" {interval['p50']} ms apart at p50, {interval['p90']} at p90)"
+    )
 
 
 def _p50s(result: dict[str, Any]) -> str:

@@ -100,3 +100,6 @@ def test_mechanism_scenarios_run_and_lose_nothing(tmp_path: Path) -> None:
         assert run["refusal_floor"]["statuses"].get("429", 0) > 0, run["refusal_floor"]
     # Through scikit-learn's predict RF-300 is the bottleneck: 4x its capacity must be shed.
     assert overload["scikit-learn"]["shed"] > 0, overload["scikit-learn"]
+    # A compiled batch is too short for its answers to stand apart as a burst (bench/local_batch.py).
+    assert overload["compiled"]["accepted_in_local_batches"] is None
+    assert "accepted_in_local_batches" in overload["process"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from bench.harness import h2load_plan, parse_h2load_summary, split_h2load_log
+from bench.local_batch import answer_bursts, latency_in_local_batches
 
 _T0 = 1_795_570_243_000_000  # a start time in microseconds since the epoch, as h2load logs it
 
@@ -67,3 +68,64 @@ def test_h2load_summary_reads_the_run_length_in_any_unit() -> None:
         assert parsed[0] == pytest.approx(seconds)
         assert parsed[1:] == (4290, 4280, 3, 2)
     assert parse_h2load_summary("h2load: could not connect") is None
+
+
+def _overload_log(batch_ends_s: list[float], late: int = 0) -> str:
+    """An overload as h2load logs it: each batch answers 4 requests admitted when the batch two
+    before it ended (they waited for the batch ahead, then their own) and refuses 20 in between;
+    the last ``late`` batches each hold one request that waited a whole batch more."""
+    lines = []
+    for i in range(2, len(batch_ends_s)):
+        end, admitted = batch_ends_s[i], batch_ends_s[i - 2] + 0.001
+        for k in range(4):
+            waited_more = k == 0 and i >= len(batch_ends_s) - late
+            start = batch_ends_s[i - 3] + 0.001 if waited_more else admitted
+            lines.append(_line(start, 200, (end - start) * 1000 + k * 0.5))
+        lines += [_line(admitted + j * 0.002, 429, 1.0) for j in range(20)]
+    return "\n".join(lines)
+
+
+def test_accepted_latency_is_read_in_batch_times_of_the_moment() -> None:
+    # 100 ms batches for a second, then 250 ms ones: a machine that slowed down mid-run.
+    ends = [0.1 * i for i in range(11)] + [1.0 + 0.25 * i for i in range(1, 9)]
+    log = _overload_log(ends)
+    times, _ = split_h2load_log(log, warmup_s=0)
+    mean_batch_ms = 1000 * (ends[-1] - ends[0]) / (len(ends) - 1)
+    p99 = sorted(times[200])[int(0.99 * len(times[200]))]
+    assert p99 / mean_batch_ms > 3  # against the run's mean, the slow phase is the tail
+    figures = latency_in_local_batches(log, warmup_s=0, batch_ms=mean_batch_ms)
+    assert figures is not None
+    assert 1.9 <= figures["p50"] <= figures["p99"] <= 2.1, figures
+    # Bursts are marked from the first answer on; ratios need two intervals behind them.
+    assert figures["bursts"] == len(ends) - 2 and figures["mean_burst"] == 4.0
+    assert figures["requests"] == 4 * (len(ends) - 4)
+    assert figures["burst_interval_ms"] == {"p50": 250.0, "p90": 250.0}
+
+
+def test_a_request_that_waited_a_batch_more_shows_in_batch_times() -> None:
+    ends = [0.1 * i for i in range(30)]
+    figures = latency_in_local_batches(_overload_log(ends, late=3), warmup_s=0, batch_ms=100)
+    assert figures is not None
+    assert figures["p50"] == pytest.approx(2.0, abs=0.05) and figures["max"] >= 2.9, figures
+
+
+def test_the_warm_up_marks_bursts_but_is_not_counted() -> None:
+    ends = [0.1 * i for i in range(20)]
+    everything = latency_in_local_batches(_overload_log(ends), warmup_s=0, batch_ms=100)
+    measured = latency_in_local_batches(_overload_log(ends), warmup_s=1, batch_ms=100)
+    assert everything is not None and measured is not None
+    assert measured["bursts"] == everything["bursts"]
+    assert 0 < measured["requests"] < everything["requests"]
+
+
+def test_batches_too_short_or_too_few_to_tell_apart_give_no_figure() -> None:
+    ends = [0.1 * i for i in range(20)]
+    assert latency_in_local_batches(_overload_log(ends), warmup_s=0, batch_ms=2) is None  # compiled
+    assert latency_in_local_batches(_overload_log(ends[:4]), warmup_s=0, batch_ms=100) is None
+    assert latency_in_local_batches("", warmup_s=0, batch_ms=100) is None
+
+
+def test_answers_group_into_bursts_at_gaps_longer_than_given() -> None:
+    answers = [(100.0, 0.0), (0.0, 0.0), (3.0, 0.0), (104.0, 0.0), (250.0, 0.0)]
+    assert [len(b) for b in answer_bursts(answers, gap_ms=25)] == [2, 2, 1]
+    assert [len(b) for b in answer_bursts(answers, gap_ms=200)] == [5]
