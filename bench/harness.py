@@ -20,7 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,7 +372,7 @@ def run_h2load(
         "warmup_s": warmup_s,
         "warmup_statuses": {str(s): n for s, n in sorted(warmup.items())},
         "statuses": {str(s): len(t) for s, t in sorted(times.items())},
-        "latency_ms": {str(s): _percentiles(t) for s, t in sorted(times.items())},
+        "latency_ms": {str(s): percentiles(t) for s, t in sorted(times.items())},
         "errored": errored,
         "timeouts": timeouts,
         # Started and never finished: h2load had no answer for them when it stopped.
@@ -436,12 +436,15 @@ def split_h2load_log(log: str, warmup_s: float) -> tuple[dict[int, list[float]],
     return times, warmup
 
 
-_QUANTILES = (("p50", 0.50), ("p99", 0.99), ("max", 1.0))
+LATENCY_QUANTILES = (("p50", 0.50), ("p99", 0.99), ("max", 1.0))
 
 
-def _percentiles(times_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(times_ms)
-    at = {name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for name, q in _QUANTILES}
+def percentiles(
+    values: list[float], quantiles: Sequence[tuple[str, float]] = LATENCY_QUANTILES
+) -> dict[str, float]:
+    """The count and each named quantile of ``values`` (nearest rank, rounded to 0.01)."""
+    ordered = sorted(values)
+    at = {name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for name, q in quantiles}
     return {"count": len(ordered), **{name: round(v, 2) for name, v in at.items()}}
 
 

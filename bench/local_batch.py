@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.harness import percentiles
+
 # The bursts must stand clear of each other: a batch's 64 answers leave within a few ms.
 MIN_BATCH_MS = 10.0
 
@@ -42,7 +44,7 @@ def answer_bursts(answers: list[tuple[float, float]], gap_ms: float) -> list[lis
 
 
 def latency_in_local_batches(log: str, warmup_s: float, batch_ms: float) -> dict[str, Any] | None:
-    """p50, p99 and max of each measured accepted request's latency over the batch time around
+    """Count, p50, p99 and max of each measured accepted request's latency over the batch time around
     it (see the module's docstring), from h2load's ``--log-file`` (start in µs since the epoch,
     status, time in µs); None where ``batch_ms``, the run's mean, is too short to tell bursts
     apart, or fewer than three bursts came.
@@ -72,15 +74,8 @@ def latency_in_local_batches(log: str, warmup_s: float, batch_ms: float) -> dict
         return None
     intervals = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     return {
-        **_quantiles(ratios, p50=0.5, p99=0.99, max=1.0),
-        "requests": len(ratios),
+        **percentiles(ratios),
         "bursts": len(bursts),
         "mean_burst": round(len(accepted) / len(bursts), 1),
-        "burst_interval_ms": _quantiles(intervals, p50=0.5, p90=0.9),
+        "burst_interval_ms": percentiles(intervals, (("p50", 0.5), ("p90", 0.9))),
     }
-
-
-def _quantiles(values: list[float], **quantiles: float) -> dict[str, float]:
-    ordered = sorted(values)
-    at = {name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for name, q in quantiles.items()}
-    return {name: round(value, 2) for name, value in at.items()}

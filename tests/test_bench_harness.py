@@ -98,8 +98,8 @@ def test_accepted_latency_is_read_in_batch_times_of_the_moment() -> None:
     assert 1.9 <= figures["p50"] <= figures["p99"] <= 2.1, figures
     # Bursts are marked from the first answer on; ratios need two intervals behind them.
     assert figures["bursts"] == len(ends) - 2 and figures["mean_burst"] == 4.0
-    assert figures["requests"] == 4 * (len(ends) - 4)
-    assert figures["burst_interval_ms"] == {"p50": 250.0, "p90": 250.0}
+    assert figures["count"] == 4 * (len(ends) - 4)
+    assert figures["burst_interval_ms"] == {"count": len(ends) - 3, "p50": 250.0, "p90": 250.0}
 
 
 def test_a_request_that_waited_a_batch_more_shows_in_batch_times() -> None:
@@ -115,7 +115,7 @@ def test_the_warm_up_marks_bursts_but_is_not_counted() -> None:
     measured = latency_in_local_batches(_overload_log(ends), warmup_s=1, batch_ms=100)
     assert everything is not None and measured is not None
     assert measured["bursts"] == everything["bursts"]
-    assert 0 < measured["requests"] < everything["requests"]
+    assert 0 < measured["count"] < everything["count"]
 
 
 def test_batches_too_short_or_too_few_to_tell_apart_give_no_figure() -> None:
