@@ -424,16 +424,29 @@ def split_h2load_log(log: str, warmup_s: float) -> tuple[dict[int, list[float]],
     Each line holds a request's start (microseconds since the epoch), its status and its time
     in microseconds. The warm-up is the first ``warmup_s`` seconds after the first start.
     """
-    logged = [line.split("\t")[:3] for line in log.splitlines()]
-    measured_from = min((int(start) for start, _, _ in logged), default=0) + warmup_s * 1_000_000
+    entries = h2load_entries(log)
+    measured_from = measured_from_us(entries, warmup_s)
     times: dict[int, list[float]] = {}
     warmup: dict[int, int] = {}
-    for start, status, micros in logged:
-        if int(start) < measured_from:
-            warmup[int(status)] = warmup.get(int(status), 0) + 1
+    for start, status, micros in entries:
+        if start < measured_from:
+            warmup[status] = warmup.get(status, 0) + 1
         else:
-            times.setdefault(int(status), []).append(int(micros) / 1000)
+            times.setdefault(status, []).append(micros / 1000)
     return times, warmup
+
+
+def h2load_entries(log: str) -> list[tuple[int, int, int]]:
+    """h2load's ``--log-file``: (start in µs since the epoch, status, time in µs) per request."""
+    return [
+        (int(start), int(status), int(micros))
+        for start, status, micros, *_ in map(str.split, log.splitlines())
+    ]
+
+
+def measured_from_us(entries: list[tuple[int, int, int]], warmup_s: float) -> float:
+    """When the measured part of an h2load run starts: ``warmup_s`` after its first request."""
+    return min((start for start, _, _ in entries), default=0) + warmup_s * 1_000_000
 
 
 LATENCY_QUANTILES = (("p50", 0.50), ("p99", 0.99), ("max", 1.0))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.harness import percentiles
+from bench.harness import h2load_entries, measured_from_us, percentiles
 
 # The bursts must stand clear of each other: a batch's 64 answers leave within a few ms.
 MIN_BATCH_MS = 10.0
@@ -54,11 +54,11 @@ def latency_in_local_batches(log: str, warmup_s: float, batch_ms: float) -> dict
     """
     if batch_ms < MIN_BATCH_MS:
         return None
-    logged = [line.split("\t")[:3] for line in log.splitlines()]
-    accepted = [(int(start), int(micros)) for start, status, micros in logged if status == "200"]
+    entries = h2load_entries(log)
+    accepted = [(start, micros) for start, status, micros in entries if status == 200]
     if not accepted:
         return None
-    measured_from = min(int(start) for start, _, _ in logged) + warmup_s * 1_000_000
+    measured_from = measured_from_us(entries, warmup_s)
     answers = [((start + micros) / 1000, start / 1000) for start, micros in accepted]
     bursts = answer_bursts(answers, gap_ms=batch_ms / 4)
     if len(bursts) < 3:
