@@ -18,7 +18,7 @@ import pytest
 import skops.io as sio
 from sklearn.datasets import load_digits
 
-from fastserve.registry import TRUSTED_TYPES
+from fastserve.repository import TRUSTED_TYPES
 
 from conftest import RunningServer, assert_error, status_of, write_joblib_model
 from fake_models import FailOnNegative, SleepyModel

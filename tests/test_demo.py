@@ -14,7 +14,8 @@ from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassif
 
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings
 from fastserve.demo import DEMO_MODEL
-from fastserve.registry import TRUSTED_TYPES, ModelEntry, Registry
+from fastserve.registry import ModelEntry, Registry
+from fastserve.repository import TRUSTED_TYPES
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import skops.io as sio
 from sklearn.datasets import load_digits
 
-from fastserve.registry import TRUSTED_TYPES
+from fastserve.repository import TRUSTED_TYPES
 
 from conftest import (
     RunningServer,

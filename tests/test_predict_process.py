@@ -17,7 +17,8 @@ from sklearn.linear_model import LogisticRegression
 
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings
 from fastserve.predict_process import PredictProcess, PredictProcessDied
-from fastserve.registry import PROCESS_ABOVE_MS, TRUSTED_TYPES, Registry
+from fastserve.registry import PROCESS_ABOVE_MS, Registry
+from fastserve.repository import TRUSTED_TYPES
 
 from conftest import status_of, write_joblib_model
 from fake_models import BusyModel, SleepyModel, Unruly

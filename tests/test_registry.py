@@ -18,7 +18,8 @@ from sklearn.tree import DecisionTreeClassifier
 
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings
 from fastserve.errors import ConfigError
-from fastserve.registry import TRUSTED_TYPES, ModelEntry, Registry, version_key
+from fastserve.registry import ModelEntry, Registry
+from fastserve.repository import TRUSTED_TYPES, version_key
 from fastserve.trees import CompiledPredict
 
 

@@ -35,7 +35,7 @@ from fastserve.config import (
     resolve_repository,
 )
 from fastserve.errors import ConfigError, FastServeError, UnknownModel
-from fastserve.registry import Registry
+from fastserve.repository import Repository
 from fastserve.state import ACTION_NAMES, DeploymentStore, make_action, state_path
 
 
@@ -90,7 +90,7 @@ def _offline_store(args: argparse.Namespace) -> tuple[DeploymentStore, dict[str,
     export_arguments(args, RepositorySettings, DeploySettings)
     settings = Settings.from_env()
     repository = resolve_repository(settings.repository)
-    discovered = Registry(repository, settings.repository, settings.batching, settings.limits).discover()
+    discovered = Repository(repository, settings.repository).discover()
     store = DeploymentStore(state_path(settings))
     store.seed({model: stable for model, (_, stable) in discovered.items() if stable}, _actor())
     return store, {model: versions for model, (versions, _) in discovered.items()}

@@ -13,7 +13,7 @@ capacity answered 429s at p99 2.9-5.2 ms this way, against 42-279 ms in the thre
 Only versions the compiled tree predict does not take run here: it releases the GIL itself.
 
 The child loads the version from the same artifact, with the same trust rules, as the
-worker did (``registry.load_estimator``). Only float64 rows go to it and only ``.npy`` bytes
+worker did (``repository.load_estimator``). Only float64 rows go to it and only ``.npy`` bytes
 come back (``allow_pickle=False``): nothing is unpickled from the pipe. Over its stdin: the
 row count (8 bytes, little-endian) and the rows. Over its stdout: a status byte (0: the
 predictions follow; 1: predict raised, its message follows), the payload's length (8 bytes)
@@ -124,7 +124,7 @@ def _read(stream: IO[bytes], n: int) -> bytes:
 
 def main(argv: list[str]) -> int:
     """The child: load the version, then answer batches until stdin closes."""
-    from fastserve.registry import load_estimator
+    from fastserve.repository import load_estimator
 
     artifact, trusted_types = Path(argv[0]), json.loads(argv[1])
     # The protocol gets the real stdout; anything the model prints goes to stderr instead.
