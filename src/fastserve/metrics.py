@@ -34,16 +34,13 @@ import os
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from fastserve.state import process_alive
-
-if TYPE_CHECKING:
-    from fastserve.router import Router
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FLUSH_S = 0.1
@@ -71,6 +68,26 @@ def multiprocess_dir() -> str | None:
 class _QueueLike(Protocol):
     @property
     def queued_rows(self) -> int: ...
+
+
+_Counts = Mapping[str, Mapping[tuple[str, str], int]]  # model -> (version, label) -> n
+
+
+class _ShadowCounts(Protocol):
+    @property
+    def outcomes(self) -> _Counts: ...
+
+
+class RouteCounts(Protocol):
+    """What the router counts in this process, read at each flush (the router is one): per
+    model, ``(version, role) -> requests`` routed and ``(version, outcome) -> copies`` shadowed.
+    The counts only grow; each flush adds what they grew by since the one before."""
+
+    @property
+    def routed(self) -> _Counts: ...
+
+    @property
+    def shadow(self) -> _ShadowCounts: ...
 
 
 class _Buckets:
@@ -219,7 +236,7 @@ class Metrics:
 
         self.requests: dict[tuple[str, str, int], int] = {}  # answers other than 200
         self._meters: list[VersionMeter] = []
-        self._router: Router | None = None
+        self._routes: RouteCounts | None = None
         self._flushed_routed: dict[_Labels, int] = {}
         self._flushed_shadow: dict[_Labels, int] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -239,9 +256,9 @@ class Metrics:
         self._meters.append(meter)
         return meter
 
-    def follow(self, router: Router) -> None:
+    def follow(self, routes: RouteCounts) -> None:
         """Flush the router's routed and shadow counts too."""
-        self._router = router
+        self._routes = routes
 
     # -- flushing ------------------------------------------------------------------------------
 
@@ -263,10 +280,10 @@ class Metrics:
             meter.predict.flush_into(self._predict_duration.labels(*labels))
             meter.rows.flush_into(self._batch_rows.labels(*labels))
             self._queue_depth.labels(*labels).set(meter.queue.queued_rows)
-        if self._router is not None:
-            for model, routed in self._router.routed.items():
+        if self._routes is not None:
+            for model, routed in self._routes.routed.items():
                 _add_deltas(self._routed, model, routed, self._flushed_routed)
-            for model, outcomes in self._router.shadow.outcomes.items():
+            for model, outcomes in self._routes.shadow.outcomes.items():
                 _add_deltas(self._shadow, model, outcomes, self._flushed_shadow)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
