@@ -220,7 +220,7 @@ def test_model_info_and_deploy_actions_come_from_the_state(per_process: None) ->
 
 
 def test_metrics_can_be_turned_off() -> None:
-    from fastserve.app import Server
+    from fastserve.worker import Server
 
     server = Server(Settings(metrics=MetricsSettings(metrics=False)))
     assert server.metrics is None

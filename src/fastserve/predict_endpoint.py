@@ -1,0 +1,145 @@
+"""``POST /predict/{model}[/versions/{version}]``: the hot path of one request, as raw ASGI.
+
+headers -> route (stable, canary share, shadow copy, or a pinned version) -> refuse at once
+if the queue is full -> body (under the size and time limits) -> codec -> batcher -> bytes.
+It answers every one of its own errors, so it runs without Starlette's middleware (see
+``app.PredictFirst``): each request gets exactly one answer, a bug included.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import time
+
+from starlette.types import Receive, Scope, Send
+
+from fastserve import codec
+from fastserve.body import BodyDeadlines, ClientGone
+from fastserve.codec import WireFormat
+from fastserve.errors import FastServeError, QueueFull, TooManyRows
+from fastserve.worker import Server
+
+logger = logging.getLogger("fastserve")
+
+_request_ids = itertools.count()
+_ID_PREFIX = os.urandom(4).hex().encode()
+# An echoed X-Request-ID is visible ASCII, at most 128 bytes; anything else gets a fresh one.
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_CONTENT_TYPE = {fmt: fmt.value.encode() for fmt in WireFormat}
+
+
+class PredictEndpoint:
+    """``POST /predict/{model}`` and ``/predict/{model}/versions/{version}``, as raw ASGI."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._bodies = BodyDeadlines()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        content_type = accept = request_id = routing_key = None
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+            elif name == b"accept":
+                accept = value
+            elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+                request_id = value
+            elif name == b"x-routing-key":
+                routing_key = value
+        if request_id is None:
+            request_id = b"%s-%x" % (_ID_PREFIX, next(_request_ids))
+
+        out_format = WireFormat.JSON
+        params = scope["path_params"]
+        chosen = ""  # the version that answers, once routing has chosen it
+        try:
+            in_format = codec.request_format(content_type)
+            out_format = codec.response_format(accept, in_format)
+            server = self.server
+            server.check_serving()
+            version = params.get("version")
+            if version is None:
+                batcher, mirror = server.router.route(params["model"], routing_key)
+            else:
+                batcher, mirror = server.router.pinned(params["model"], version), None
+            chosen = batcher.version
+            if batcher.full:
+                # Under overload most requests end here: no exception, no generic error path.
+                await _send_refusal(send, batcher.shed(), out_format, request_id)
+                self._refused(params["model"], chosen, 429)
+                return
+            limits = server.models[batcher.model].limits
+            body = await self._bodies.read(
+                receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
+            )
+            request = codec.decode(body, in_format)
+            n_rows = request.n_rows
+            if n_rows > limits.max_rows_per_request or n_rows > batcher.queue.max_queue_depth:
+                limit = min(limits.max_rows_per_request, batcher.queue.max_queue_depth)
+                raise TooManyRows(f"{n_rows} rows in one request; the limit is {limit}")
+            answer = batcher.admit(request)
+            if mirror is not None:
+                server.router.shadow.mirror(mirror, request, answer, request_id)
+            predictions = await answer
+            payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
+        except FastServeError as error:
+            await _send_error(send, error, out_format, request_id)
+            self._refused(params["model"], chosen, error.status)
+            return
+        except ClientGone:
+            return
+        except Exception:
+            # Predict requests skip Starlette's error middleware (see PredictFirst): a bug
+            # here must still give the client one clean answer and leave a traceback in the log.
+            logger.exception("unhandled error in predict")
+            await _send_error(send, FastServeError("internal error"), out_format, request_id)
+            self._refused(params["model"], chosen, 500)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", _CONTENT_TYPE[out_format]),
+                    (b"x-model-version", batcher.version.encode()),
+                    (b"x-request-id", request_id),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+        if batcher.meter is not None:
+            batcher.meter.answered(time.perf_counter() - started)
+
+    def _refused(self, model: str, version: str, code: int) -> None:
+        # Labels come from the repository: a request for an unknown model leaves no series.
+        metrics = self.server.metrics
+        if metrics is not None and model in self.server.models:
+            metrics.refused(model, version, code)
+
+
+async def _send_error(send: Send, error: FastServeError, fmt: WireFormat, request_id: bytes) -> None:
+    headers = [
+        (b"content-type", _CONTENT_TYPE[fmt]),
+        (b"x-request-id", request_id),
+        *((name.encode(), value.encode()) for name, value in error.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
+
+
+async def _send_refusal(send: Send, error: QueueFull, fmt: WireFormat, request_id: bytes) -> None:
+    """``_send_error`` for the 429 of a full queue, the error sent most under overload."""
+    headers = [
+        (b"content-type", _CONTENT_TYPE[fmt]),
+        (b"x-request-id", request_id),
+        (b"retry-after", b"%d" % error.retry_after_s),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
