@@ -8,6 +8,7 @@ copies them into the model's buffer: no intermediate numpy array per request.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 import msgspec
 
@@ -19,12 +20,24 @@ class WireFormat(StrEnum):
     MSGPACK = "application/msgpack"
 
 
+# What a request may ask a version for, and the key of each in the answer.
+OUTPUT_KEYS = {
+    "predict": "predictions",
+    "predict_proba": "probabilities",
+    "predict_log_proba": "log_probabilities",
+    "decision_function": "scores",
+}
+DEFAULT_OUTPUTS = ("predict",)
+
+
 class PredictRequest(msgspec.Struct):
-    """One row (``features``), many rows (``instances``), or raw float64 rows plus ``shape``."""
+    """One row (``features``), many rows (``instances``), or raw float64 rows plus ``shape``,
+    all positional; ``outputs`` names what to answer (predictions only when absent)."""
 
     features: list[float] | None = None
     instances: list[list[float]] | bytes | None = None
     shape: tuple[int, int] | None = None
+    outputs: list[str] | None = None
 
     def __post_init__(self) -> None:
         # Raised inside decode, so msgspec reports it as a ValidationError (-> 400).
@@ -45,6 +58,7 @@ class PredictRequest(msgspec.Struct):
             raise ValueError("`shape` goes only with binary `instances`")
         elif self.instances is not None and not self.instances:
             raise ValueError("`instances` is empty")
+        _check_outputs(self.outputs)
 
     @property
     def n_rows(self) -> int:
@@ -57,11 +71,96 @@ class PredictRequest(msgspec.Struct):
         return len(self.instances)
 
 
+class DataFrameSplit(msgspec.Struct, forbid_unknown_fields=True):
+    """MLflow's ``dataframe_split``: column names, and the rows as lists in that order."""
+
+    columns: list[str]
+    data: list[list[Any]]
+    index: list[Any] | None = None  # pandas' "split" orient carries it; rows keep their order
+
+
+class TabularRequest(msgspec.Struct):
+    """Every request form a named-column version takes, decoded as plain values: the rows are
+    checked against the version's schema when they are written (``inputs.py``).
+
+    - positional, as ``PredictRequest``: ``features`` as a list, ``instances`` as lists or bytes;
+    - named rows (KServe V1, TF Serving's row format): ``instances`` as objects, one row as
+      ``features`` as an object;
+    - columnar (TF Serving): ``inputs``, column -> values;
+    - MLflow's scoring formats: ``dataframe_split`` and ``dataframe_records``.
+    """
+
+    features: list[Any] | dict[str, Any] | None = None
+    instances: list[Any] | bytes | None = None
+    shape: tuple[int, int] | None = None
+    inputs: dict[str, list[Any]] | None = None
+    dataframe_split: DataFrameSplit | None = None
+    dataframe_records: list[dict[str, Any]] | None = None
+    outputs: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            name
+            for name in ("features", "instances", "inputs", "dataframe_split", "dataframe_records")
+            if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `features`, `instances`, `inputs`, `dataframe_split` or "
+                "`dataframe_records`"
+            )
+        if isinstance(self.instances, bytes):
+            PredictRequest(instances=self.instances, shape=self.shape)  # the same checks
+        elif self.shape is not None:
+            raise ValueError("`shape` goes only with binary `instances`")
+        if self.n_rows < 1:
+            raise ValueError(f"`{given[0]}` holds no row")
+        if self.inputs is not None and len({len(values) for values in self.inputs.values()}) != 1:
+            raise ValueError("every column of `inputs` must hold the same number of values")
+        if self.dataframe_split is not None:
+            width = len(self.dataframe_split.columns)
+            for i, row in enumerate(self.dataframe_split.data):
+                if len(row) != width:
+                    raise ValueError(f"`dataframe_split` row {i} has {len(row)} values for {width} columns")
+        _check_outputs(self.outputs)
+
+    @property
+    def n_rows(self) -> int:
+        if self.features is not None:
+            return 1
+        if isinstance(self.instances, bytes):
+            assert self.shape is not None
+            return self.shape[0]
+        if self.instances is not None:
+            return len(self.instances)
+        if self.inputs is not None:
+            return len(next(iter(self.inputs.values()), []))
+        if self.dataframe_split is not None:
+            return len(self.dataframe_split.data)
+        assert self.dataframe_records is not None
+        return len(self.dataframe_records)
+
+
+def _check_outputs(outputs: list[str] | None) -> None:
+    if outputs is None:
+        return
+    if not outputs:
+        raise ValueError("`outputs` is empty; leave it out for predictions only")
+    if len(set(outputs)) != len(outputs):
+        raise ValueError("`outputs` names an output twice")
+
+
 _DECODERS: dict[
     WireFormat, msgspec.json.Decoder[PredictRequest] | msgspec.msgpack.Decoder[PredictRequest]
 ] = {
     WireFormat.JSON: msgspec.json.Decoder(PredictRequest),
     WireFormat.MSGPACK: msgspec.msgpack.Decoder(PredictRequest),
+}
+_TABULAR_DECODERS: dict[
+    WireFormat, msgspec.json.Decoder[TabularRequest] | msgspec.msgpack.Decoder[TabularRequest]
+] = {
+    WireFormat.JSON: msgspec.json.Decoder(TabularRequest),
+    WireFormat.MSGPACK: msgspec.msgpack.Decoder(TabularRequest),
 }
 _json_encode = msgspec.json.Encoder().encode
 _msgpack_encode = msgspec.msgpack.Encoder().encode
@@ -109,10 +208,25 @@ def response_format(accept: bytes | None, default: WireFormat) -> WireFormat:
     return best
 
 
-def decode(body: bytes, fmt: WireFormat) -> PredictRequest:
-    """Decode and validate the shape of a predict body; feature values are checked by the queue."""
+def decode(body: bytes, fmt: WireFormat, named: bool = False) -> PredictRequest | TabularRequest:
+    """Decode and validate the shape of a predict body; feature values are checked by the queue.
+
+    A version with named columns (``named``) takes every request form: positional rows are
+    decoded as numbers first, as for any version (the fast path), then the other forms.
+    """
+    if named:
+        try:
+            return _DECODERS[fmt].decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            tabular: TabularRequest = _decode(_TABULAR_DECODERS[fmt], body, fmt)
+            return tabular
+    positional: PredictRequest = _decode(_DECODERS[fmt], body, fmt)
+    return positional
+
+
+def _decode(decoder: Any, body: bytes, fmt: WireFormat) -> Any:
     try:
-        return _DECODERS[fmt].decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
         if text.startswith("Number out of range"):
@@ -127,9 +241,10 @@ def decode(body: bytes, fmt: WireFormat) -> PredictRequest:
 class PredictionEncoder:
     """Builds prediction bodies for one (model, version): the constant part is encoded once."""
 
-    __slots__ = ("_json_head", "_msgpack_head")
+    __slots__ = ("_json_head", "_msgpack_head", "_model", "_version", "_classes")
 
-    def __init__(self, model: str, version: str) -> None:
+    def __init__(self, model: str, version: str, classes: list[Any] | None = None) -> None:
+        self._model, self._version, self._classes = model, version, classes
         self._json_head = b'{"model":%s,"version":%s,"predictions":' % (
             _json_encode(model),
             _json_encode(version),
@@ -144,10 +259,22 @@ class PredictionEncoder:
             + _msgpack_encode("predictions")
         )
 
-    def encode(self, predictions: list[object], fmt: WireFormat) -> bytes:
+    def encode(self, result: list[Any] | dict[str, list[Any]], fmt: WireFormat) -> bytes:
+        """The body of predictions (a list), or of the outputs a request named (output -> values:
+        each under its key in OUTPUT_KEYS, with the version's ``classes`` beside any but predict)."""
+        if type(result) is not list:
+            return ENCODERS[fmt](self._outputs(result))  # type: ignore[arg-type]
         if fmt is WireFormat.JSON:
-            return self._json_head + _json_encode(predictions) + b"}"
-        return self._msgpack_head + _msgpack_encode(predictions)
+            return self._json_head + _json_encode(result) + b"}"
+        return self._msgpack_head + _msgpack_encode(result)
+
+    def _outputs(self, outputs: dict[str, list[Any]]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self._model, "version": self._version}
+        for name, values in outputs.items():
+            body[OUTPUT_KEYS[name]] = values
+        if self._classes is not None and any(name != "predict" for name in outputs):
+            body["classes"] = self._classes
+        return body
 
 
 def error_body(error: FastServeError, fmt: WireFormat = WireFormat.JSON) -> bytes:

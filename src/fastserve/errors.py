@@ -23,6 +23,12 @@ class MalformedBody(FastServeError):
     status, code = 400, "malformed_body"
 
 
+class UnknownOutput(FastServeError):
+    """A request named an output the version does not have (the message lists what it has)."""
+
+    status, code = 400, "unknown_output"
+
+
 class Unauthorized(FastServeError):
     status, code = 401, "unauthorized"
 
@@ -76,6 +82,13 @@ class BadFeatures(FastServeError):
     status, code = 422, "bad_features"
 
 
+class ModelRejectedInput(FastServeError):
+    """The model raised on this request's rows, and on no other request of its batch (the batch
+    was split to find out): the input is at fault, not the model."""
+
+    status, code = 422, "model_rejected_input"
+
+
 class QueueFull(FastServeError):
     status, code = 429, "queue_full"
 
@@ -85,7 +98,8 @@ class QueueFull(FastServeError):
 
 
 class ModelError(FastServeError):
-    """The model raised during predict: every request of that batch gets this, the server goes on."""
+    """The model raised on every request of a batch, and on rows it predicted before (its
+    warm-up): the model is at fault; those requests get this, and the server goes on."""
 
     status, code = 500, "model_error"
 
