@@ -338,6 +338,9 @@ cdef class CompiledBoosting:
     """The trees of a fitted HistGradientBoosting model, concatenated, and a GIL-free
     ``predict`` of its raw scores: ``_raw_predict``, step for step.
 
+    - the scores are a Fortran-ordered array, as ``_raw_predict``'s: the values are the same
+      in either order, but what sklearn computes from them is not (numpy sums a softmax row
+      of eight or more classes pairwise when the row is contiguous, in order when it is not);
     - a row's score for output ``k`` starts as ``0.0 + baseline[k]`` (sklearn adds the
       baseline into float64 zeros) and receives each tree's leaf value, in tree order:
       iteration by iteration, and within one the outputs in order, as ``_predict_iterations``
@@ -396,8 +399,9 @@ cdef class CompiledBoosting:
         self._table.fill()
 
     def predict(self, const double[:, ::1] X not None):
-        """Raw scores, float64 ``(rows, n_outputs)``; ``None`` for no rows (sklearn refuses
-        those with its own error). ``ValueError`` if ``X`` does not have ``n_features`` columns."""
+        """Raw scores, float64 ``(rows, n_outputs)`` in Fortran order; ``None`` for no rows
+        (sklearn refuses those with its own error). ``ValueError`` if ``X`` does not have
+        ``n_features`` columns."""
         cdef Py_ssize_t n_rows = X.shape[0]
         cdef Py_ssize_t nf = self.n_features
         cdef Py_ssize_t no = self.n_outputs
@@ -406,9 +410,9 @@ cdef class CompiledBoosting:
         if n_rows == 0:
             return None
 
-        raw_array = np.empty((n_rows, no), dtype=np.float64)
-        cdef double[:, ::1] raw_view = raw_array
-        cdef double* raw = &raw_view[0, 0]
+        raw_array = np.empty((n_rows, no), dtype=np.float64, order="F")
+        cdef double[::1, :] raw_view = raw_array
+        cdef double* raw = &raw_view[0, 0]  # output k of row i at raw[k * n_rows + i]
         cdef const double* x = &X[0, 0]
         cdef const _Node* nodes = self._table.nodes
         cdef const int64_t* root = self._table.root
@@ -416,17 +420,18 @@ cdef class CompiledBoosting:
         cdef const double* value = &self._value[0]
         cdef const int64_t* output = &self._output[0]
         cdef const double* baseline = &self._baseline[0]
-        cdef Py_ssize_t i, k, t, r0, g, j, step, out_k
+        cdef Py_ssize_t i, k, t, r0, g, j, step
         cdef double v
+        cdef double* column  # the scores of the output the current tree adds to
         cdef int64_t node[_GROUP]
         cdef const _Node* n
 
         with nogil:
-            for i in range(n_rows):
-                for k in range(no):
-                    raw[i * no + k] = 0.0 + baseline[k]
+            for k in range(no):
+                for i in range(n_rows):
+                    raw[k * n_rows + i] = 0.0 + baseline[k]
             for t in range(self.n_trees):
-                out_k = output[t]
+                column = raw + output[t] * n_rows
                 # Rows in groups walked in lockstep, as in CompiledForest: independent loads
                 # overlap. Each row still receives the trees in order.
                 r0 = 0
@@ -443,6 +448,6 @@ cdef class CompiledBoosting:
                                 <int>((v <= n.threshold) or (isnan(v) != 0 and n.missing_go_to_left != 0))
                             ]
                     for j in range(g):
-                        raw[(r0 + j) * no + out_k] += value[node[j]]
+                        column[r0 + j] += value[node[j]]
                     r0 += g
         return raw_array
