@@ -755,6 +755,48 @@ def test_compiled_forest_predicts_a_hand_built_tree() -> None:
         forest.predict(np.zeros((1, 2)))
 
 
+def split_forest(leaf_values: list[list[list[float]]]) -> Any:
+    """Trees like ``one_split``'s, one per entry of ``leaf_values`` (its two leaves' rows)."""
+    n = len(leaf_values)
+    return build(
+        one_split(
+            left=[1 + 3 * t if k == 0 else -1 for t in range(n) for k in range(3)],
+            right=[2 + 3 * t if k == 0 else -1 for t in range(n) for k in range(3)],
+            feature=[0, -2, -2] * n,
+            threshold=[0.5, -2.0, -2.0] * n,
+            missing_go_to_left=[0, 0, 0] * n,
+            value=[row for leaves in leaf_values for row in [[0.5, 0.5], *leaves]],
+            offsets=[3 * t for t in range(n + 1)],
+            average=n > 1,
+        )
+    )
+
+
+def test_compiled_forest_gives_the_probabilities_it_takes_the_argmax_of() -> None:
+    """One tree: its leaf rows as they are. A forest: the rows summed into zeros in tree order,
+    divided once by the number of trees. The index is predict's, from the same walk."""
+    X = np.array([[0.0], [1.0], [0.25]])
+    tree = split_forest([[[0.25, 0.75], [0.6, 0.4]]])
+    index, proba = tree.predict_with_proba(X)
+    assert proba.dtype == np.float64 and proba.flags.c_contiguous
+    assert proba.tolist() == [[0.25, 0.75], [0.6, 0.4], [0.25, 0.75]]
+    assert index.tolist() == [1, 0, 1] == tree.predict(X).tolist()
+    # (0.1 + 0.2) + 0.3 is 0.6000000000000001 and 0.1 + (0.2 + 0.3) is 0.6: the order shows.
+    leaves = [[[p, 1 - p], [1 - p, p]] for p in (0.1, 0.2, 0.3)]
+    forest = split_forest(leaves)
+    index, proba = forest.predict_with_proba(X)
+    in_order = [(0.0 + 0.1 + 0.2 + 0.3) / 3, (0.0 + 0.9 + 0.8 + 0.7) / 3]
+    assert proba.tolist() == [in_order, in_order[::-1], in_order]
+    assert index.tolist() == [1, 0, 1] == forest.predict(X).tolist()
+    assert forest.predict_with_proba(np.array([[np.nan]])) is None
+    assert forest.predict_with_proba(np.zeros((0, 1))) is None
+    with pytest.raises(ValueError, match="X has 2 features, expected 1"):
+        forest.predict_with_proba(np.zeros((1, 2)))
+    regressor = build(one_split(value=[[0.0], [1.0], [2.0]], classifier=False))
+    with pytest.raises(ValueError, match="a regressor has no class probabilities"):
+        regressor.predict_with_proba(X)
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

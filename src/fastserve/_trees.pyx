@@ -13,8 +13,13 @@ arithmetic as scikit-learn, step for step:
   the number of trees once, as ``_accumulate_prediction`` with one job and ``proba /= n``
   do; a single tree's output is its leaf row itself (no ``0.0 +``, which would turn -0.0
   into 0.0);
+- for a classifier those averaged rows are ``predict_proba``: since scikit-learn 1.4 a
+  classifier's ``tree_.value`` holds each leaf's class fractions (weighted count over weighted
+  total, computed once at fit) and ``DecisionTreeClassifier.predict_proba`` returns the leaf's
+  row as is. Normalizing a row again would change it: fractions need not sum to exactly 1;
 - a classifier's answer is the first index of the largest value, numpy's ``argmax`` rule,
-  taken after the division (dividing can make two different sums equal).
+  taken after the division (dividing can make two different sums equal); sklearn's forest
+  ``predict`` takes it from ``predict_proba``, so one walk gives both.
 
 Batches that sklearn would treat otherwise are not predicted at all: ``predict`` returns
 ``None`` and the caller hands the batch to sklearn when
@@ -226,7 +231,6 @@ cdef class CompiledForest:
             raise ValueError("only a forest (average=True) holds more than one tree")
         self._table.fill()
 
-    @cython.cdivision(True)
     def predict(self, const double[:, ::1] X not None):
         """Argmax class indices (int64) or values (float64), one per row of ``X``.
 
@@ -234,6 +238,34 @@ cdef class CompiledForest:
         values large enough to overflow a float32 sum (see the module docstring).
         ``ValueError`` if ``X`` does not have ``n_features`` columns.
         """
+        walked = self._walk(X)
+        if walked is None:
+            return None
+        values, index = walked
+        if self.classifier:
+            return index
+        return values.reshape(X.shape[0])
+
+    def predict_with_proba(self, const double[:, ::1] X not None):
+        """A classifier's ``(index, proba)`` from one walk: the argmax class index of each row
+        (int64, as ``predict``) and the class probabilities they are taken from (float64,
+        ``(rows, n_values)``, C order), the bits of ``predict_proba``.
+
+        ``None`` where sklearn must decide, as for ``predict``. ``ValueError`` for a
+        regressor, or if ``X`` does not have ``n_features`` columns.
+        """
+        if not self.classifier:
+            raise ValueError("a regressor has no class probabilities")
+        walked = self._walk(X)
+        if walked is None:
+            return None
+        values, index = walked
+        return index, values
+
+    @cython.cdivision(True)
+    cdef object _walk(self, const double[:, ::1] X):
+        """``(values, index)``: the leaf values summed and averaged per row, and for a
+        classifier their argmax (else an empty array); ``None`` where sklearn must decide."""
         cdef Py_ssize_t n_rows = X.shape[0]
         cdef Py_ssize_t nf = self.n_features
         cdef Py_ssize_t nv = self.n_values
@@ -328,9 +360,7 @@ cdef class CompiledForest:
 
         if not handled:
             return None
-        if self.classifier:
-            return index_array
-        return acc_array.reshape(n_rows)
+        return acc_array, index_array
 
 
 @cython.final
