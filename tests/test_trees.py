@@ -589,14 +589,22 @@ def boosting_spread_rows(estimator: Any, rng: np.random.Generator) -> np.ndarray
     return np.vstack([x, boosting_rows(estimator, rng, 500)])
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["grown", "balanced-impure-leaves"])
 @pytest.mark.parametrize("labels", LABELS)
 @pytest.mark.parametrize("kind", CLASSIFIERS)
-def test_classifier_outputs_match_on_the_probe_and_10000_rows(kind: str, labels: str) -> None:
+def test_classifier_outputs_match_on_the_probe_and_10000_rows(kind: str, labels: str, weighted: bool) -> None:
+    """Weighted, with leaves that hold several classes, a leaf's class fractions need not sum
+    to exactly 1: the probabilities are the fractions as they are, never renormalized."""
     rng = np.random.default_rng(1601)
     x = features(rng, 300, 6)
     classes = LABELS[labels]
     y = classes[(x[:, 0] + x[:, 2] + rng.integers(0, 2, len(x))).astype(int) % len(classes)]
-    estimator = CLASSIFIERS[kind]().fit(x, y)
+    options: dict[str, Any] = {"class_weight": "balanced", "min_samples_leaf": 5} if weighted else {}
+    estimator = CLASSIFIERS[kind](**options).fit(x, y)
+    if weighted and len(classes) > 2:  # two fractions happen to sum to 1
+        trees_ = [e.tree_ for e in getattr(estimator, "estimators_", [estimator])]
+        leaves = np.concatenate([t.value[t.children_left == -1, 0] for t in trees_])
+        assert (leaves.sum(axis=1) != 1.0).any()
     fn = compiled(estimator)
     assert fn.output_names == FOREST_OUTPUTS
     _, probe = trees._flatten(estimator)
