@@ -39,7 +39,7 @@ from sklearn.tree import (
 )
 
 from fastserve import trees
-from fastserve.trees import CompiledBoostingPredict, CompiledPredict, compile_trees
+from fastserve.trees import CompiledBoostingPredict, CompiledPredict, CompiledTrees, compile_trees
 
 NO_EXTENSIONS = os.environ.get("FASTSERVE_NO_EXTENSIONS") == "1"
 
@@ -156,7 +156,27 @@ def assert_matches(estimator: Any, seed: int = 1) -> CompiledPredict:
     assert_same(estimator.predict(X), fn(X))
     for n in (1, 2, 17):  # the lockstep groups: fewer pairs than a group, and a ragged end
         assert_same(estimator.predict(X[:n]), fn(X[:n]))
+    assert_outputs_match(estimator, fn, X)
     return fn
+
+
+def assert_outputs_match(estimator: Any, fn: CompiledTrees, X: np.ndarray[Any, Any]) -> None:
+    """Every output in ``fn.output_names``, compiled, all at once and each alone, is the bits of
+    the estimator's own method, in the same memory layout (what numpy does next depends on it)."""
+    with np.errstate(divide="ignore"):  # the log of a zero probability, on both sides
+        expected = {name: getattr(estimator, name)(X) for name in fn.output_names}
+        together = fn.compiled_outputs(X, fn.output_names)
+        alone = {name: fn.compute(X, [name]) for name in fn.output_names}
+    assert together is not None, "expected the compiled loop to take these rows"
+    assert list(together) == list(fn.output_names)
+    for name, want in expected.items():
+        assert list(alone[name]) == [name]
+        for got in (together[name], alone[name][name]):
+            assert_same(want, got)
+            assert (got.flags.c_contiguous, got.flags.f_contiguous) == (
+                want.flags.c_contiguous,
+                want.flags.f_contiguous,
+            ), name
 
 
 @pytest.fixture
@@ -485,6 +505,8 @@ def test_boosting_models_match(kind: str, missing_in_training: bool, data: Any) 
     assert_same(estimator.predict(X), fn(X))
     for n in (1, 2, 17):  # the lockstep groups: fewer rows than a group, and a ragged end
         assert_same(estimator.predict(X[:n]), fn(X[:n]))
+        assert_outputs_match(estimator, fn, X[:n])
+    assert_outputs_match(estimator, fn, X)
     assert fn.booster.n_outputs == (n_classes if n_classes > 2 else 1)
     assert fn.booster.n_trees == estimator.n_iter_ * fn.booster.n_outputs
 
@@ -497,6 +519,8 @@ def test_boosting_scores_are_the_models_raw_scores(data: Any) -> None:
     scores = compiled_boosting(estimator).booster.predict(X)
     assert scores is not None
     assert_same(estimator._raw_predict(X), scores)
+    # sklearn's layout: a softmax of 8 or more classes sums a C-ordered row in another order.
+    assert scores.flags.f_contiguous
 
 
 def compiled_boosting(estimator: Any) -> CompiledBoostingPredict:
@@ -513,6 +537,295 @@ def test_the_demo_gradient_boosting_compiles(tmp_path: Any) -> None:
     estimator = HistGradientBoostingClassifier(max_iter=100, random_state=0).fit(x, y)
     fn = compiled_boosting(estimator)
     assert_same(estimator.predict(x), fn(x))
+    assert_outputs_match(estimator, fn, x)
+
+
+# -- the other outputs: predict_proba, predict_log_proba, decision_function -------------------
+
+FOREST_OUTPUTS = ("predict", "predict_proba", "predict_log_proba")
+BOOSTING_OUTPUTS = ("predict", "predict_proba", "decision_function")
+LABELS = {
+    "str": np.array(["cat", "dog", "emu"]),
+    "gapped-int": np.array([-1, 0, 5, 9]),  # classes_ that are not 0..n-1
+    "binary-int": np.array([3, 7]),
+}
+
+
+def range_rows(
+    feature: np.ndarray[Any, Any],
+    threshold: np.ndarray[Any, Any],
+    n_features: int,
+    rng: np.random.Generator,
+    n_rows: int,
+) -> np.ndarray[Any, Any]:
+    """Rows drawn uniformly across each feature's threshold range, and a little beyond it."""
+    low, high = np.full(n_features, -1.0), np.full(n_features, 1.0)
+    for j in range(n_features):
+        t = threshold[(feature == j) & np.isfinite(threshold)]
+        if t.size:
+            low[j], high[j] = t.min(), t.max()
+    margin = (high - low) * 0.1 + 0.5
+    return rng.uniform(low - margin, high + margin, size=(n_rows, n_features))
+
+
+def forest_rows(estimator: Any, rng: np.random.Generator) -> np.ndarray[Any, Any]:
+    """10,000 rows across the threshold ranges, then rows on and beside the thresholds."""
+    feature, threshold = split_thresholds(estimator)
+    spread = range_rows(feature, threshold, estimator.n_features_in_, rng, 10_000)
+    return np.vstack([spread, edge_rows(estimator, rng, 500)])
+
+
+def boosting_spread_rows(estimator: Any, rng: np.random.Generator) -> np.ndarray[Any, Any]:
+    """10,000 rows across the model's threshold ranges, some values NaN or infinite, then rows on
+    and beside the thresholds (``boosting_rows``)."""
+    nodes = np.concatenate([p.nodes for trees in estimator._predictors for p in trees])
+    split = nodes["is_leaf"] == 0
+    x = range_rows(
+        nodes["feature_idx"][split], nodes["num_threshold"][split], estimator.n_features_in_, rng, 10_000
+    )
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[rng.random(x.shape) < 0.01] = np.inf
+    x[rng.random(x.shape) < 0.01] = -np.inf
+    return np.vstack([x, boosting_rows(estimator, rng, 500)])
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["grown", "balanced-impure-leaves"])
+@pytest.mark.parametrize("labels", LABELS)
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+def test_classifier_outputs_match_on_the_probe_and_10000_rows(kind: str, labels: str, weighted: bool) -> None:
+    """Weighted, with leaves that hold several classes, a leaf's class fractions need not sum
+    to exactly 1: the probabilities are the fractions as they are, never renormalized."""
+    rng = np.random.default_rng(1601)
+    x = features(rng, 300, 6)
+    classes = LABELS[labels]
+    y = classes[(x[:, 0] + x[:, 2] + rng.integers(0, 2, len(x))).astype(int) % len(classes)]
+    options: dict[str, Any] = {"class_weight": "balanced", "min_samples_leaf": 5} if weighted else {}
+    estimator = CLASSIFIERS[kind](**options).fit(x, y)
+    if weighted and len(classes) > 2:  # two fractions happen to sum to 1
+        trees_ = [e.tree_ for e in getattr(estimator, "estimators_", [estimator])]
+        leaves = np.concatenate([t.value[t.children_left == -1, 0] for t in trees_])
+        assert (leaves.sum(axis=1) != 1.0).any()
+    fn = compiled(estimator)
+    assert fn.output_names == FOREST_OUTPUTS
+    _, probe = trees._flatten(estimator)
+    assert_outputs_match(estimator, fn, probe)
+    assert_outputs_match(estimator, fn, forest_rows(estimator, rng))
+
+
+BOOSTED_LABELS = {
+    "binary-str": np.array(["no", "yes"]),
+    "multiclass-gapped-int": np.arange(10) * 3 - 4,  # 10 classes: the softmax sums pairwise
+    "multiclass-str": np.array(["a", "b", "c"]),
+}
+
+
+@pytest.mark.parametrize("missing_in_training", [False, True], ids=["clean-fit", "nan-fit"])
+@pytest.mark.parametrize("labels", BOOSTED_LABELS)
+def test_boosting_classifier_outputs_match_on_the_probe_and_10000_rows(
+    labels: str, missing_in_training: bool
+) -> None:
+    rng = np.random.default_rng(1602)
+    x = features(rng, 400, 6)
+    classes = BOOSTED_LABELS[labels]
+    y = classes[(np.abs(x[:, 1]) * 3 + x[:, 0] + rng.integers(0, 3, len(x))).astype(int) % len(classes)]
+    if missing_in_training:
+        x[rng.random(x.shape) < 0.2] = np.nan
+    estimator = HistGradientBoostingClassifier(max_iter=30, random_state=0).fit(x, y)
+    fn = compiled_boosting(estimator)
+    assert fn.output_names == BOOSTING_OUTPUTS
+    _, probe = trees._flatten_boosting(estimator)
+    assert_outputs_match(estimator, fn, probe)
+    X = boosting_spread_rows(estimator, rng)
+    assert np.isnan(X).any() and np.isinf(X).any()
+    assert_outputs_match(estimator, fn, X)
+    binary = len(classes) == 2
+    assert fn.compute(X, ["decision_function"])["decision_function"].ndim == (1 if binary else 2)
+    assert fn.compute(X, ["predict_proba"])["predict_proba"].shape == (len(X), len(classes))
+
+
+@pytest.mark.parametrize(
+    ("make", "names"),
+    [
+        (lambda: RandomForestClassifier(n_estimators=3), FOREST_OUTPUTS),
+        (lambda: ExtraTreesClassifier(n_estimators=3), FOREST_OUTPUTS),
+        (lambda: DecisionTreeClassifier(), FOREST_OUTPUTS),
+        (lambda: ExtraTreeClassifier(), FOREST_OUTPUTS),
+        (lambda: HistGradientBoostingClassifier(max_iter=3), BOOSTING_OUTPUTS),
+        (lambda: RandomForestRegressor(n_estimators=3), ("predict",)),
+        (lambda: ExtraTreesRegressor(n_estimators=3), ("predict",)),
+        (lambda: DecisionTreeRegressor(), ("predict",)),
+        (lambda: ExtraTreeRegressor(), ("predict",)),
+        (lambda: HistGradientBoostingRegressor(max_iter=3), ("predict",)),
+    ],
+    ids=["rf", "et", "dt", "xt", "hgb", "rf-reg", "et-reg", "dt-reg", "xt-reg", "hgb-reg"],
+)
+def test_output_names_are_the_methods_each_estimator_has(
+    make: Callable[[], Any], names: Any, data: Any
+) -> None:
+    x, rng = data
+    estimator = make()
+    target = rng.integers(0, 3, len(x)) if hasattr(estimator, "predict_proba") else x[:, 0]
+    estimator.fit(x, target)
+    fn = compile_trees(estimator)
+    assert fn is not None
+    assert fn.output_names == names
+    expected = tuple(name for name in FOREST_OUTPUTS + ("decision_function",) if hasattr(estimator, name))
+    assert sorted(fn.output_names) == sorted(expected)
+
+
+@pytest.mark.parametrize("kind", ["rf", "dt", "hgb"])
+def test_a_regressor_computes_predict_only(kind: str, data: Any) -> None:
+    x, rng = data
+    make = {"rf": REGRESSORS["rf"], "dt": REGRESSORS["dt"], "hgb": BOOSTING["squared-error"][0]}[kind]
+    estimator = make().fit(x, x[:, 1] - x[:, 0] + rng.normal(size=len(x)))
+    fn = compile_trees(estimator)
+    assert fn is not None and fn.output_names == ("predict",)
+    X = boosting_rows(estimator, rng, 300) if kind == "hgb" else fresh_rows(estimator, 11)
+    assert_outputs_match(estimator, fn, X)
+    for name in ("predict_proba", "predict_log_proba", "decision_function"):
+        with pytest.raises(KeyError, match=name):
+            fn.compute(X, ["predict", name])
+
+
+def test_compute_several_names_at_once_equals_each_alone(data: Any) -> None:
+    """One walk for all: in the order asked, each name once, each the same as asked alone."""
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, rng.integers(0, 3, len(x)))
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 12)
+    with np.errstate(divide="ignore"):
+        alone = {name: fn.compute(X, [name])[name] for name in fn.output_names}
+        together = fn.compute(X, ["predict_log_proba", "predict", "predict_log_proba", "predict_proba"])
+        as_a_set = fn.compute(X, frozenset(fn.output_names))
+    assert list(together) == ["predict_log_proba", "predict", "predict_proba"]
+    assert sorted(as_a_set) == sorted(fn.output_names)
+    for name, want in alone.items():
+        assert_same(want, together[name])
+        assert_same(want, as_a_set[name])
+    assert fn.compute(X, []) == {}
+
+
+def test_names_it_does_not_compute_raise_key_error(data: Any) -> None:
+    x, rng = data
+    y = rng.integers(0, 2, len(x))
+    forest = compiled(RandomForestClassifier(n_estimators=3, random_state=0).fit(x, y))
+    booster = compiled_boosting(HistGradientBoostingClassifier(max_iter=3).fit(x, y))
+    X = fresh_rows(forest.estimator, 13)
+    X[0, 0] = np.nan  # a batch sklearn would answer: the name is refused before anything runs
+    for fn, name in ((forest, "decision_function"), (booster, "predict_log_proba"), (forest, "transform")):
+        with pytest.raises(KeyError, match=f"'{name}' is not computed here"):
+            fn.compute(X, ["predict", name])
+    with pytest.raises(TypeError, match="not the string 'predict'"):
+        forest.compute(X, "predict")
+
+
+def test_a_batch_the_compiled_loop_refuses_is_answered_by_sklearns_methods(data: Any) -> None:
+    """Name by name, each by the estimator's own method on the batch itself: the same calls,
+    the same results, the same errors as calling those methods directly."""
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=10, random_state=0).fit(
+        x, rng.choice(LABELS["str"], len(x))
+    )
+    fn = compiled(estimator)
+    calls: list[tuple[str, Any]] = []  # sklearn's predict calls self.predict_proba: seen too
+    for name in fn.output_names:
+        real = getattr(estimator, name)
+
+        def counting(rows: Any, name: str = name, real: Any = real) -> Any:
+            calls.append((name, rows))
+            return real(rows)
+
+        setattr(estimator, name, counting)
+
+    def both(compute: Callable[[Any], Any], X: Any) -> tuple[tuple[str, Any], list[tuple[str, Any]]]:
+        calls.clear()
+        with np.errstate(divide="ignore"):
+            result = outcome(compute, X)
+        return result, list(calls)
+
+    def by_sklearn(names: tuple[str, ...]) -> Callable[[Any], Any]:
+        return lambda X: {name: getattr(estimator, name)(X) for name in names}
+
+    def by_compute(names: tuple[str, ...]) -> Callable[[Any], Any]:
+        return lambda X: fn.compute(X, names)
+
+    with_nan = fresh_rows(estimator, 14)
+    with_nan[5, 2] = np.nan
+    clean = fresh_rows(estimator, 15)[:20]
+    infinite = clean.copy()
+    infinite[3, 1] = np.inf
+    batches = [with_nan, clean.astype(np.float32), clean.tolist(), clean[:, :3], infinite, clean[:0]]
+    for X in batches:
+        for names in (fn.output_names, ("predict_proba",), ("predict_log_proba", "predict")):
+            if isinstance(X, np.ndarray) and X.dtype == np.float64 and X.shape[1:] == (6,):
+                assert fn.compiled_outputs(X, names) is None
+            want, sklearn_calls = both(by_sklearn(names), X)
+            have, our_calls = both(by_compute(names), X)
+            assert [name for name, _ in our_calls] == [name for name, _ in sklearn_calls]
+            assert all(rows is X for _, rows in our_calls)
+            assert have[0] == want[0]
+            if want[0] == "ok":
+                assert list(have[1]) == list(names)
+                for name in names:
+                    assert_same(want[1][name], have[1][name])
+            else:
+                assert have[1] == want[1]
+
+
+@pytest.mark.parametrize("kind", ["rf", "xt", "hgb-binary", "hgb-multiclass"])
+def test_the_outputs_come_from_the_compiled_walk(kind: str, data: Any) -> None:
+    """With every method of the estimator broken after compiling, compute still answers a
+    normal batch, with what those methods gave before."""
+    x, rng = data
+    if kind.startswith("hgb"):
+        estimator: Any = HistGradientBoostingClassifier(max_iter=10, random_state=0)
+        y = rng.integers(0, 2 if kind == "hgb-binary" else 4, len(x))
+    else:
+        estimator = CLASSIFIERS[kind]()
+        y = rng.choice(LABELS["gapped-int"], len(x))
+    estimator.fit(x, y)
+    fn = compile_trees(estimator)
+    assert fn is not None
+    X = boosting_rows(estimator, rng, 300) if kind.startswith("hgb") else fresh_rows(estimator, 16)
+    with np.errstate(divide="ignore"):
+        expected = {name: getattr(estimator, name)(X) for name in fn.output_names}
+
+    def broken(rows: Any) -> Any:
+        raise AssertionError("the estimator's own method was called")
+
+    for name in fn.output_names:
+        setattr(estimator, name, broken)
+    with np.errstate(divide="ignore"):
+        got = fn.compute(X, fn.output_names)
+    for name in fn.output_names:
+        assert_same(expected[name], got[name])
+    # While a batch the loop refuses (here, no rows) goes to the broken methods.
+    with pytest.raises(AssertionError, match="own method was called"):
+        fn.compute(X[:0], ["predict_proba"])
+
+
+def test_a_zero_probability_logs_to_minus_infinity_with_sklearns_warning(data: Any) -> None:
+    x, rng = data
+    estimator = DecisionTreeClassifier(random_state=0).fit(x, rng.integers(0, 3, len(x)))
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 17)
+    with pytest.warns(RuntimeWarning, match="divide by zero encountered in log"):
+        expected = estimator.predict_log_proba(X)
+    with pytest.warns(RuntimeWarning, match="divide by zero encountered in log"):
+        got = fn.compute(X, ["predict_log_proba"])["predict_log_proba"]
+    assert np.isneginf(got).any()
+    assert_same(expected, got)
+
+
+def test_n_jobs_forest_probabilities_are_the_one_job_sum(data: Any) -> None:
+    x, rng = data
+    estimator = RandomForestClassifier(n_estimators=20, n_jobs=2, random_state=0).fit(
+        x, rng.integers(0, 5, len(x))
+    )
+    fn = compiled(estimator)
+    X = fresh_rows(estimator, 18)
+    estimator.set_params(n_jobs=1)
+    assert_outputs_match(estimator, fn, X)
 
 
 # -- what is not compiled --------------------------------------------------------------------
@@ -585,6 +898,41 @@ def test_a_difference_on_the_probe_refuses_to_compile(caplog: pytest.LogCaptureF
     [record] = caplog.records
     assert record.levelno == logging.WARNING
     assert "differs from sklearn" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("forest", "predict_proba"),
+        ("forest", "predict_log_proba"),
+        ("boosting", "predict_proba"),
+        ("boosting", "decision_function"),
+    ],
+)
+def test_a_difference_in_any_output_on_the_probe_refuses_to_compile(
+    kind: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One value one ulp away, in one output other than predict, and the model is not compiled."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(80, 3))
+    y = rng.integers(0, 3, 80)
+    if kind == "forest":
+        estimator: Any = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, y)
+    else:
+        estimator = HistGradientBoostingClassifier(max_iter=5, random_state=0).fit(x, y)
+    real = getattr(estimator, name)
+
+    def nudged(X: Any) -> Any:
+        out = real(X).copy()
+        out[len(out) // 2, 0] = np.nextafter(out[len(out) // 2, 0], np.inf)
+        return out
+
+    setattr(estimator, name, nudged)
+    with caplog.at_level(logging.INFO, logger="fastserve.trees"):
+        assert compile_trees(estimator) is None
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert f"compiled {name} differs from sklearn on 1 of" in record.getMessage()
 
 
 def test_a_probe_predict_that_raises_refuses_to_compile(caplog: pytest.LogCaptureFixture) -> None:
@@ -753,6 +1101,48 @@ def test_compiled_forest_predicts_a_hand_built_tree() -> None:
     assert forest.predict(np.array([[np.nan]])) is None
     with pytest.raises(ValueError, match="X has 2 features, expected 1"):
         forest.predict(np.zeros((1, 2)))
+
+
+def split_forest(leaf_values: list[list[list[float]]]) -> Any:
+    """Trees like ``one_split``'s, one per entry of ``leaf_values`` (its two leaves' rows)."""
+    n = len(leaf_values)
+    return build(
+        one_split(
+            left=[1 + 3 * t if k == 0 else -1 for t in range(n) for k in range(3)],
+            right=[2 + 3 * t if k == 0 else -1 for t in range(n) for k in range(3)],
+            feature=[0, -2, -2] * n,
+            threshold=[0.5, -2.0, -2.0] * n,
+            missing_go_to_left=[0, 0, 0] * n,
+            value=[row for leaves in leaf_values for row in [[0.5, 0.5], *leaves]],
+            offsets=[3 * t for t in range(n + 1)],
+            average=n > 1,
+        )
+    )
+
+
+def test_compiled_forest_gives_the_probabilities_it_takes_the_argmax_of() -> None:
+    """One tree: its leaf rows as they are. A forest: the rows summed into zeros in tree order,
+    divided once by the number of trees. The index is predict's, from the same walk."""
+    X = np.array([[0.0], [1.0], [0.25]])
+    tree = split_forest([[[0.25, 0.75], [0.6, 0.4]]])
+    index, proba = tree.predict_with_proba(X)
+    assert proba.dtype == np.float64 and proba.flags.c_contiguous
+    assert proba.tolist() == [[0.25, 0.75], [0.6, 0.4], [0.25, 0.75]]
+    assert index.tolist() == [1, 0, 1] == tree.predict(X).tolist()
+    # (0.1 + 0.2) + 0.3 is 0.6000000000000001 and 0.1 + (0.2 + 0.3) is 0.6: the order shows.
+    leaves = [[[p, 1 - p], [1 - p, p]] for p in (0.1, 0.2, 0.3)]
+    forest = split_forest(leaves)
+    index, proba = forest.predict_with_proba(X)
+    in_order = [(0.0 + 0.1 + 0.2 + 0.3) / 3, (0.0 + 0.9 + 0.8 + 0.7) / 3]
+    assert proba.tolist() == [in_order, in_order[::-1], in_order]
+    assert index.tolist() == [1, 0, 1] == forest.predict(X).tolist()
+    assert forest.predict_with_proba(np.array([[np.nan]])) is None
+    assert forest.predict_with_proba(np.zeros((0, 1))) is None
+    with pytest.raises(ValueError, match="X has 2 features, expected 1"):
+        forest.predict_with_proba(np.zeros((1, 2)))
+    regressor = build(one_split(value=[[0.0], [1.0], [2.0]], classifier=False))
+    with pytest.raises(ValueError, match="a regressor has no class probabilities"):
+        regressor.predict_with_proba(X)
 
 
 @pytest.mark.parametrize(

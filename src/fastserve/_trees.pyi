@@ -34,6 +34,9 @@ class CompiledForest:
     @property
     def average(self) -> bool: ...
     def predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None: ...
+    def predict_with_proba(
+        self, X: np.ndarray[Any, Any]
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None: ...
 
 @final
 class CompiledBoosting:

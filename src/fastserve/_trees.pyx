@@ -13,8 +13,13 @@ arithmetic as scikit-learn, step for step:
   the number of trees once, as ``_accumulate_prediction`` with one job and ``proba /= n``
   do; a single tree's output is its leaf row itself (no ``0.0 +``, which would turn -0.0
   into 0.0);
+- for a classifier those averaged rows are ``predict_proba``: since scikit-learn 1.4 a
+  classifier's ``tree_.value`` holds each leaf's class fractions (weighted count over weighted
+  total, computed once at fit) and ``DecisionTreeClassifier.predict_proba`` returns the leaf's
+  row as is. Normalizing a row again would change it: fractions need not sum to exactly 1;
 - a classifier's answer is the first index of the largest value, numpy's ``argmax`` rule,
-  taken after the division (dividing can make two different sums equal).
+  taken after the division (dividing can make two different sums equal); sklearn's forest
+  ``predict`` takes it from ``predict_proba``, so one walk gives both.
 
 Batches that sklearn would treat otherwise are not predicted at all: ``predict`` returns
 ``None`` and the caller hands the batch to sklearn when
@@ -226,7 +231,6 @@ cdef class CompiledForest:
             raise ValueError("only a forest (average=True) holds more than one tree")
         self._table.fill()
 
-    @cython.cdivision(True)
     def predict(self, const double[:, ::1] X not None):
         """Argmax class indices (int64) or values (float64), one per row of ``X``.
 
@@ -234,6 +238,34 @@ cdef class CompiledForest:
         values large enough to overflow a float32 sum (see the module docstring).
         ``ValueError`` if ``X`` does not have ``n_features`` columns.
         """
+        walked = self._walk(X)
+        if walked is None:
+            return None
+        values, index = walked
+        if self.classifier:
+            return index
+        return values.reshape(X.shape[0])
+
+    def predict_with_proba(self, const double[:, ::1] X not None):
+        """A classifier's ``(index, proba)`` from one walk: the argmax class index of each row
+        (int64, as ``predict``) and the class probabilities they are taken from (float64,
+        ``(rows, n_values)``, C order), the bits of ``predict_proba``.
+
+        ``None`` where sklearn must decide, as for ``predict``. ``ValueError`` for a
+        regressor, or if ``X`` does not have ``n_features`` columns.
+        """
+        if not self.classifier:
+            raise ValueError("a regressor has no class probabilities")
+        walked = self._walk(X)
+        if walked is None:
+            return None
+        values, index = walked
+        return index, values
+
+    @cython.cdivision(True)
+    cdef object _walk(self, const double[:, ::1] X):
+        """``(values, index)``: the leaf values summed and averaged per row, and for a
+        classifier their argmax (else an empty array); ``None`` where sklearn must decide."""
         cdef Py_ssize_t n_rows = X.shape[0]
         cdef Py_ssize_t nf = self.n_features
         cdef Py_ssize_t nv = self.n_values
@@ -328,9 +360,7 @@ cdef class CompiledForest:
 
         if not handled:
             return None
-        if self.classifier:
-            return index_array
-        return acc_array.reshape(n_rows)
+        return acc_array, index_array
 
 
 @cython.final
@@ -338,6 +368,9 @@ cdef class CompiledBoosting:
     """The trees of a fitted HistGradientBoosting model, concatenated, and a GIL-free
     ``predict`` of its raw scores: ``_raw_predict``, step for step.
 
+    - the scores are a Fortran-ordered array, as ``_raw_predict``'s: the values are the same
+      in either order, but what sklearn computes from them is not (numpy sums a softmax row
+      of eight or more classes pairwise when the row is contiguous, in order when it is not);
     - a row's score for output ``k`` starts as ``0.0 + baseline[k]`` (sklearn adds the
       baseline into float64 zeros) and receives each tree's leaf value, in tree order:
       iteration by iteration, and within one the outputs in order, as ``_predict_iterations``
@@ -396,8 +429,9 @@ cdef class CompiledBoosting:
         self._table.fill()
 
     def predict(self, const double[:, ::1] X not None):
-        """Raw scores, float64 ``(rows, n_outputs)``; ``None`` for no rows (sklearn refuses
-        those with its own error). ``ValueError`` if ``X`` does not have ``n_features`` columns."""
+        """Raw scores, float64 ``(rows, n_outputs)`` in Fortran order; ``None`` for no rows
+        (sklearn refuses those with its own error). ``ValueError`` if ``X`` does not have
+        ``n_features`` columns."""
         cdef Py_ssize_t n_rows = X.shape[0]
         cdef Py_ssize_t nf = self.n_features
         cdef Py_ssize_t no = self.n_outputs
@@ -406,9 +440,9 @@ cdef class CompiledBoosting:
         if n_rows == 0:
             return None
 
-        raw_array = np.empty((n_rows, no), dtype=np.float64)
-        cdef double[:, ::1] raw_view = raw_array
-        cdef double* raw = &raw_view[0, 0]
+        raw_array = np.empty((n_rows, no), dtype=np.float64, order="F")
+        cdef double[::1, :] raw_view = raw_array
+        cdef double* raw = &raw_view[0, 0]  # output k of row i at raw[k * n_rows + i]
         cdef const double* x = &X[0, 0]
         cdef const _Node* nodes = self._table.nodes
         cdef const int64_t* root = self._table.root
@@ -416,17 +450,18 @@ cdef class CompiledBoosting:
         cdef const double* value = &self._value[0]
         cdef const int64_t* output = &self._output[0]
         cdef const double* baseline = &self._baseline[0]
-        cdef Py_ssize_t i, k, t, r0, g, j, step, out_k
+        cdef Py_ssize_t i, k, t, r0, g, j, step
         cdef double v
+        cdef double* column  # the scores of the output the current tree adds to
         cdef int64_t node[_GROUP]
         cdef const _Node* n
 
         with nogil:
-            for i in range(n_rows):
-                for k in range(no):
-                    raw[i * no + k] = 0.0 + baseline[k]
+            for k in range(no):
+                for i in range(n_rows):
+                    raw[k * n_rows + i] = 0.0 + baseline[k]
             for t in range(self.n_trees):
-                out_k = output[t]
+                column = raw + output[t] * n_rows
                 # Rows in groups walked in lockstep, as in CompiledForest: independent loads
                 # overlap. Each row still receives the trees in order.
                 r0 = 0
@@ -443,6 +478,6 @@ cdef class CompiledBoosting:
                                 <int>((v <= n.threshold) or (isnan(v) != 0 and n.missing_go_to_left != 0))
                             ]
                     for j in range(g):
-                        raw[(r0 + j) * no + out_k] += value[node[j]]
+                        column[r0 + j] += value[node[j]]
                     r0 += g
         return raw_array

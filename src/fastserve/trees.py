@@ -1,4 +1,5 @@
-"""A compiled, GIL-free predict for scikit-learn tree ensembles, equal to ``estimator.predict``.
+"""A compiled, GIL-free predict for scikit-learn tree ensembles, equal to ``estimator.predict``,
+and the classifier's other outputs from the same walk of the trees.
 
 A forest's ``predict`` spends most of its time in joblib and per-tree Python, with the GIL
 held, and a HistGradientBoosting model's in one Python call per tree (a thousand for 100
@@ -6,6 +7,12 @@ iterations of 10 classes). ``compile_trees`` flattens the fitted trees into one
 ``_trees.CompiledForest`` or ``_trees.CompiledBoosting``, whose single C loop releases the
 GIL, and checks on probe rows that the answers are bit for bit those of
 ``estimator.predict`` before handing the function out.
+
+A classifier's ``predict`` is itself derived from scores: a forest's from the averaged leaf
+rows, which are its ``predict_proba``, a HistGradientBoosting model's from the raw scores,
+which are its ``decision_function`` and, through the model's own loss, its
+``predict_proba``. So ``CompiledTrees.compute`` gives any of a classifier's
+``output_names`` from one walk, each checked bit for bit on the probe rows like predict.
 
 Any input the compiled loop does not take as is (not a float64 ndarray of the right width, no
 rows; for a forest also a value that is NaN or not finite as float32, or values large enough
@@ -26,7 +33,7 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,20 +86,38 @@ _EDGE_ROWS = 2048
 _RANDOM_ROWS = 256
 _PROBE_SEED = 0
 
+PREDICT, PREDICT_PROBA, PREDICT_LOG_PROBA, DECISION_FUNCTION = (
+    "predict",
+    "predict_proba",
+    "predict_log_proba",
+    "decision_function",
+)
+# What a classifier's walk gives besides predict, where the estimator has the method.
+_FOREST_SCORES = (PREDICT_PROBA, PREDICT_LOG_PROBA)
+_BOOSTING_SCORES = (PREDICT_PROBA, DECISION_FUNCTION)
+
 
 class _Unsupported(Exception):
     """Why an estimator is not compiled: logged, and ``compile_trees`` returns None."""
 
 
-class _Compiled:
-    """``estimator.predict``, answered by a compiled kernel wherever it can be (same bits)."""
+class CompiledTrees:
+    """``estimator.predict``, and the other outputs in ``output_names``, answered by a compiled
+    kernel wherever it can be (same bits).
 
-    __slots__ = ("estimator", "_classes", "_n_features")
+    ``output_names``: always ``"predict"``; for a classifier also ``"predict_proba"``, and
+    ``"predict_log_proba"`` (forests and single trees) or ``"decision_function"``
+    (HistGradientBoosting) where the estimator has the method.
+    """
 
-    def __init__(self, estimator: Any, n_features: int, classifier: bool) -> None:
+    __slots__ = ("estimator", "output_names", "_classes", "_n_features")
+
+    def __init__(self, estimator: Any, n_features: int, classifier: bool, scores: tuple[str, ...]) -> None:
         self.estimator = estimator
         self._n_features = n_features
         self._classes: np.ndarray[Any, Any] | None = estimator.classes_ if classifier else None
+        names = scores if classifier else ()
+        self.output_names: tuple[str, ...] = (PREDICT, *(name for name in names if hasattr(estimator, name)))
 
     def __call__(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         out = self.compiled(X)
@@ -100,27 +125,74 @@ class _Compiled:
             out = self.estimator.predict(X)
         return out
 
+    def compute(self, X: np.ndarray[Any, Any], names: Collection[str]) -> dict[str, np.ndarray[Any, Any]]:
+        """``{name: getattr(estimator, name)(X)}`` for each of ``names`` (duplicates once, in
+        the order asked), bit for bit, from one walk of the trees.
+
+        A batch the compiled loop does not take (see the module docstring) is answered by the
+        estimator's own methods, name by name, with their errors and warnings. ``KeyError``
+        for a name not in ``output_names``.
+        """
+        wanted = self._wanted(names)
+        if not wanted:
+            return {}
+        out = self.compiled_outputs(X, wanted)
+        if out is None:
+            out = {name: getattr(self.estimator, name)(X) for name in wanted}
+        return out
+
     def compiled(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
         """The compiled answer, or None where ``estimator.predict`` must answer."""
-        # type(), not isinstance(): sklearn turns ndarray subclasses (np.matrix, masked
-        # arrays) into plain arrays its own way; ">f8" is not np.float64 and goes there too.
-        if not (
-            type(X) is np.ndarray and X.dtype == np.float64 and X.ndim == 2 and X.shape[1] == self._n_features
-        ):
+        if not self._takes(X):
             return None
         return self._predict(np.ascontiguousarray(X))
+
+    def compiled_outputs(
+        self, X: np.ndarray[Any, Any], names: Collection[str]
+    ) -> dict[str, np.ndarray[Any, Any]] | None:
+        """The compiled answers for ``names`` (all in ``output_names``), or None where the
+        estimator's methods must answer."""
+        if not self._takes(X):
+            return None
+        return self._outputs(np.ascontiguousarray(X), names)
+
+    def _wanted(self, names: Collection[str]) -> tuple[str, ...]:
+        if isinstance(names, str):  # a str is a Collection[str] of its letters
+            raise TypeError(f"names must be a collection of output names, not the string {names!r}")
+        wanted = tuple(dict.fromkeys(names))
+        for name in wanted:
+            if name not in self.output_names:
+                raise KeyError(f"{name!r} is not computed here; it computes {', '.join(self.output_names)}")
+        return wanted
+
+    def _takes(self, X: np.ndarray[Any, Any]) -> bool:
+        # type(), not isinstance(): sklearn turns ndarray subclasses (np.matrix, masked
+        # arrays) into plain arrays its own way; ">f8" is not np.float64 and goes there too.
+        return (
+            type(X) is np.ndarray and X.dtype == np.float64 and X.ndim == 2 and X.shape[1] == self._n_features
+        )
 
     def _predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
         raise NotImplementedError
 
+    def _outputs(
+        self, X: np.ndarray[Any, Any], names: Collection[str]
+    ) -> dict[str, np.ndarray[Any, Any]] | None:
+        raise NotImplementedError
 
-class CompiledPredict(_Compiled):
-    """A forest's or a single tree's predict, by ``forest``."""
+
+class CompiledPredict(CompiledTrees):
+    """A forest's or a single tree's outputs, by ``forest``.
+
+    For a classifier the walk's averaged leaf rows are ``predict_proba`` (``_trees.pyx`` says
+    why they are its bits); ``predict`` is ``classes_.take`` of their argmax and
+    ``predict_log_proba`` is ``np.log`` of them, as sklearn's forests and trees write it.
+    """
 
     __slots__ = ("forest",)
 
     def __init__(self, estimator: Any, forest: CompiledForest) -> None:
-        super().__init__(estimator, forest.n_features, forest.classifier)
+        super().__init__(estimator, forest.n_features, forest.classifier, _FOREST_SCORES)
         self.forest = forest
 
     def _predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
@@ -129,23 +201,49 @@ class CompiledPredict(_Compiled):
             return out
         return self._classes.take(out, axis=0)
 
+    def _outputs(
+        self, X: np.ndarray[Any, Any], names: Collection[str]
+    ) -> dict[str, np.ndarray[Any, Any]] | None:
+        if self._classes is None:  # a regressor's only output is predict
+            predicted = self._predict(X)
+            return None if predicted is None else {PREDICT: predicted}
+        walked = self.forest.predict_with_proba(X)
+        if walked is None:
+            return None
+        index, proba = walked
+        out: dict[str, np.ndarray[Any, Any]] = {}
+        for name in names:
+            if name == PREDICT:
+                out[name] = self._classes.take(index, axis=0)
+            elif name == PREDICT_PROBA:
+                out[name] = proba
+            else:  # PREDICT_LOG_PROBA; a zero probability warns "divide by zero", as in sklearn
+                out[name] = np.log(proba)
+        return out
 
-class CompiledBoostingPredict(_Compiled):
-    """A HistGradientBoosting model's predict: the raw scores by ``booster``, then the last
-    step of the estimator's own ``predict`` on them, in numpy as sklearn writes it."""
 
-    __slots__ = ("booster", "_inverse_link")
+class CompiledBoostingPredict(CompiledTrees):
+    """A HistGradientBoosting model's outputs: the raw scores by ``booster`` (in sklearn's
+    Fortran order), then the last step of each of the estimator's own methods on them, in
+    numpy as sklearn writes it: ``predict``'s labels, ``decision_function``'s scores, and
+    ``predict_proba`` by the model's own loss (``_loss.predict_proba``)."""
+
+    __slots__ = ("booster", "_inverse_link", "_loss")
 
     def __init__(self, estimator: Any, booster: CompiledBoosting) -> None:
         classifier = type(estimator) is HistGradientBoostingClassifier
-        super().__init__(estimator, booster.n_features, classifier)
+        super().__init__(estimator, booster.n_features, classifier, _BOOSTING_SCORES)
         self.booster = booster
         self._inverse_link = None if classifier else estimator._loss.link.inverse
+        self._loss = estimator._loss
 
     def _predict(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
         raw = self.booster.predict(X)
         if raw is None:
             return None
+        return self._labels(raw)
+
+    def _labels(self, raw: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         if self._classes is None:
             assert self._inverse_link is not None
             return self._inverse_link(raw.ravel())  # type: ignore[no-any-return]
@@ -156,21 +254,39 @@ class CompiledBoostingPredict(_Compiled):
         labels: np.ndarray[Any, Any] = self._classes[encoded]
         return labels
 
+    def _outputs(
+        self, X: np.ndarray[Any, Any], names: Collection[str]
+    ) -> dict[str, np.ndarray[Any, Any]] | None:
+        raw = self.booster.predict(X)
+        if raw is None:
+            return None
+        out: dict[str, np.ndarray[Any, Any]] = {}
+        for name in names:
+            if name == PREDICT:
+                out[name] = self._labels(raw)
+            elif name == PREDICT_PROBA:  # reads raw (softmax works on a copy)
+                out[name] = self._loss.predict_proba(raw)
+            else:  # DECISION_FUNCTION
+                out[name] = raw.ravel() if raw.shape[1] == 1 else raw
+        return out
 
-def compile_trees(estimator: Any) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]] | None:
+
+def compile_trees(estimator: Any) -> CompiledTrees | None:
     """A predict function equal to ``estimator.predict`` bit for bit, or None.
 
     Supported: a fitted single-output RandomForest/ExtraTrees classifier or regressor, a
     DecisionTree/ExtraTree classifier or regressor, or a HistGradientBoosting classifier or
     regressor without categorical features, of exactly that type (a subclass may override
     predict). None, with the reason logged on ``fastserve.trees``, for anything else, when
-    the extension is unavailable, or when the probe rows find any difference.
+    the extension is unavailable, or when the probe rows find any difference in any output:
+    the function's ``output_names`` and ``compute`` give a classifier's other outputs from the
+    same walk, and every one is checked like predict.
     """
     name = type(estimator).__name__
     if os.environ.get("FASTSERVE_NO_EXTENSIONS") == "1" or _trees is None:
         logger.info("%s: compiled tree predict unavailable (extension not built or disabled)", name)
         return None
-    predict: _Compiled
+    predict: CompiledTrees
     try:
         if type(estimator) in _BOOSTING:
             booster, probe = _flatten_boosting(estimator)
@@ -187,7 +303,7 @@ def compile_trees(estimator: Any) -> Callable[[np.ndarray[Any, Any]], np.ndarray
         logger.warning("%s: not compiled: the probe predict raised %r", name, error)
         return None
     if difference is not None:
-        logger.warning("%s: not compiled: compiled predict differs from sklearn on %s", name, difference)
+        logger.warning("%s: not compiled: compiled %s differs from sklearn on %s", name, *difference)
         return None
     return predict
 
@@ -310,8 +426,11 @@ def _with_missing_values(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return out
 
 
-def _first_difference(estimator: Any, predict: _Compiled, X: np.ndarray[Any, Any]) -> str | None:
-    """What differs between ``predict`` and ``estimator.predict`` on the rows ``X``, or None."""
+def _first_difference(
+    estimator: Any, predict: CompiledTrees, X: np.ndarray[Any, Any]
+) -> tuple[str, str] | None:
+    """The first output of ``predict.output_names`` that differs from the estimator's own method
+    on the rows ``X``, and what differs, or None."""
     reference = estimator
     if hasattr(estimator, "n_jobs"):
         # With several jobs, sklearn sums the trees in whatever order its threads finish, so
@@ -323,11 +442,17 @@ def _first_difference(estimator: Any, predict: _Compiled, X: np.ndarray[Any, Any
         # server only ever has ndarrays, in the order the client sent; the warning says
         # nothing about the answers, which is what is compared here.
         warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
-        expected = reference.predict(X)
-    got = predict.compiled(X)
+        # A zero probability's log is -inf, with numpy's "divide by zero" warning on both sides.
+        with np.errstate(divide="ignore"):
+            expected = {name: getattr(reference, name)(X) for name in predict.output_names}
+            got = predict.compiled_outputs(X, predict.output_names)
     if got is None:
-        return "probe rows it refused"
-    return _difference(expected, got)
+        return "outputs", "probe rows it refused"
+    for name in predict.output_names:
+        difference = _difference(expected[name], got[name])
+        if difference is not None:
+            return name, difference
+    return None
 
 
 def _difference(expected: np.ndarray[Any, Any], got: np.ndarray[Any, Any]) -> str | None:
