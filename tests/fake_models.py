@@ -55,6 +55,21 @@ class FailOnNegative:
         return rows[:, 0].astype(np.int64)
 
 
+class BreaksOnNegative:
+    """Echoes the first feature until it sees a negative one; from then on every call raises:
+    a model that breaks while it serves (its warm-up rows fail too)."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features_in_ = n_features
+        self.broken = False
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if self.broken or (rows[:, 0] < 0).any():
+            self.broken = True
+            raise RuntimeError("the model is broken")
+        return rows[:, 0].astype(np.int64)
+
+
 class EchoUnless:
     """Echoes the first feature, except that rows whose first feature is ``odd_one_out`` get -1:
     a candidate that disagrees with an echoing stable on exactly the rows a test chooses."""

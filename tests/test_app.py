@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from fastserve.repository import TRUSTED_TYPES
 
 from conftest import RunningServer, assert_error, status_of, write_joblib_model
-from fake_models import FailOnNegative, SleepyModel
+from fake_models import BreaksOnNegative, FailOnNegative, SleepyModel
 from http_load import post_many
 
 pytestmark = pytest.mark.e2e
@@ -312,15 +312,28 @@ def test_requests_past_the_queue_deadline_get_504(serve: Any, tmp_path: Path) ->
     assert status_of(server)["models"]["slow"]["versions"]["v1"]["expired"] == codes[504]
 
 
-def test_a_failing_model_answers_its_batch_500_and_the_server_goes_on(serve: Any, tmp_path: Path) -> None:
+def test_a_request_the_model_raises_on_gets_422_and_the_server_goes_on(serve: Any, tmp_path: Path) -> None:
     write_joblib_model(tmp_path, "fragile", "v1", FailOnNegative(2))
     server = serve(tmp_path, trusted_repository=1)
     url = server.url + "/predict/fragile"
     response = httpx.post(url, json={"features": [-1, 0]})
-    assert_error(response, 500, "model_error")
-    assert "negative input" not in response.text  # the model's own message stays in the log
+    # Alone in its batch, but the model still predicts its warm-up rows: the input is at fault.
+    assert_error(response, 422, "model_rejected_input")
+    assert "RuntimeError: negative input" in response.json()["error"]["message"]
     response = httpx.post(url, json={"instances": [[3, 0], [4, 0]]})
     assert response.status_code == 200 and response.json()["predictions"] == [3, 4]
+
+
+def test_a_model_that_breaks_answers_500_and_the_other_models_go_on(serve: Any, tmp_path: Path) -> None:
+    write_joblib_model(tmp_path, "fragile", "v1", BreaksOnNegative(2))
+    write_joblib_model(tmp_path, "steady", "v1", FailOnNegative(2))
+    server = serve(tmp_path, trusted_repository=1, predict_process="off")
+    for body in ({"features": [-1, 0]}, {"features": [3, 0]}):  # broken by the first, for good
+        response = httpx.post(server.url + "/predict/fragile", json=body)
+        assert_error(response, 500, "model_error")
+        assert "broken" not in response.text  # the model's own message stays in the log
+    response = httpx.post(server.url + "/predict/steady", json={"features": [5, 0]})
+    assert response.status_code == 200 and response.json()["predictions"] == [5]
 
 
 def test_readiness_waits_for_warm_up_and_liveness_does_not(serve: Any, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from fastserve.batcher import Batcher, Turns
 from fastserve.codec import PredictRequest
 from fastserve.config import BatchSettings
-from fastserve.errors import BadFeatures, ModelError, QueueFull, QueueTimeout
+from fastserve.errors import BadFeatures, ModelError, ModelRejectedInput, QueueFull, QueueTimeout
 
 
 class RecordingModel:
@@ -181,19 +181,75 @@ def test_one_thread_hop_per_batch() -> None:
     run(scenario)
 
 
-def test_a_model_error_fails_its_batch_only() -> None:
+def test_a_request_the_model_rejects_fails_alone_and_the_rest_of_its_batch_is_answered() -> None:
     model = RecordingModel()
     model.fail_when_first_feature = 3
 
     async def scenario(loop: asyncio.AbstractEventLoop) -> None:
         batcher = make(loop, model, max_batch_rows=4, batch_window_ms=50)
-        doomed = [batcher.admit(row(i)) for i in range(4)]  # holds the 3: the whole batch fails
+        mixed = [batcher.admit(row(i)) for i in range(4)]  # holds the 3: the batch raises
         fine = [batcher.admit(row(i)) for i in range(10, 14)]
-        outcomes = await asyncio.gather(*doomed, *fine, return_exceptions=True)
-        assert all(isinstance(o, ModelError) for o in outcomes[:4])
-        assert "boom" not in str(outcomes[0])
+        outcomes = await asyncio.gather(*mixed, *fine, return_exceptions=True)
+        assert outcomes[:3] == [[0.0], [1.0], [2.0]]
+        assert isinstance(outcomes[3], ModelRejectedInput)
+        assert "RuntimeError: boom" in str(outcomes[3])  # the model's message, for the client
         assert outcomes[4:] == [[10.0], [11.0], [12.0], [13.0]]
-        assert batcher.stats.errors == 4
+        assert batcher.stats.errors == 1
+        # The batch of four, its halves, then the failing half's two singles; the next batch.
+        assert model.batch_sizes == [4, 2, 2, 1, 1, 4]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_isolating_rejected_requests_costs_at_most_two_predicts_a_request() -> None:
+    model = RecordingModel()
+    model.fail_when_first_feature = -5
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=64, batch_window_ms=50)
+        requests = [row(-5 if i in (7, 40) else i) for i in range(64)]
+        outcomes = await asyncio.gather(*map(batcher.admit, requests), return_exceptions=True)
+        rejected = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, ModelRejectedInput)]
+        assert rejected == [7, 40]
+        assert all(outcomes[i] == [float(i)] for i in range(64) if i not in rejected)
+        assert 1 < len(model.batch_sizes) <= 2 * 64 - 1
+        assert sum(1 for size in model.batch_sizes if size == 1) == 4  # two found, two beside them
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_a_batch_whose_every_request_fails_is_a_model_error_when_the_probe_fails_too() -> None:
+    model = RecordingModel()
+    model.fail_when_first_feature = 1
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        for probe, expected in ((None, ModelError), (np.array([[1.0, 0.0]]), ModelError)):
+            batcher = Batcher(
+                "m", "v1", model.predict, 2, BatchSettings(batch_window_ms=50), loop, probe=probe
+            )
+            outcomes = await asyncio.gather(
+                *(batcher.admit(row(1)) for _ in range(3)), return_exceptions=True
+            )
+            assert all(type(o) is expected for o in outcomes), outcomes
+            assert "boom" not in str(outcomes[0])  # the model's own message stays in the log
+            assert batcher.stats.errors == 3
+            await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_a_batch_whose_every_request_fails_is_rejected_input_when_the_model_predicts_its_probe() -> None:
+    model = RecordingModel()
+    model.fail_when_first_feature = 1
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        probe = np.array([[0.0, 0.0]])  # the model predicts it: the model works
+        batcher = Batcher("m", "v1", model.predict, 2, BatchSettings(batch_window_ms=50), loop, probe=probe)
+        lone = await asyncio.gather(batcher.admit(row(1)), return_exceptions=True)
+        assert type(lone[0]) is ModelRejectedInput and lone[0].status == 422
+        assert model.batch_sizes[-1] == 1  # the probe was predicted
         await batcher.drain_and_stop(5)
 
     run(scenario)

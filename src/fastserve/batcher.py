@@ -7,6 +7,13 @@ to its own predict thread, and the thread hands the whole batch back with one
 rows of the next batch pile up in the queue while the model works: under load, batches
 fill by themselves and no time is spent waiting for them.
 
+A batch computes, once, every output its requests asked for (``outputs.py``); a version
+that needs a DataFrame gets one per batch (``inputs.Inputs.frame``). When the model raises
+on a batch, the batch is split, and split again, until the requests it raises on stand
+alone: only those fail (422 ``model_rejected_input``), the others get their answers. A
+batch whose every request fails is the model's fault (500 ``model_error``) if the model
+also fails on the rows it predicted when it loaded, and the inputs' fault otherwise.
+
 A batch goes to predict as soon as it is full. A smaller one waits for more requests while
 they keep coming: it goes once ``batch_window_ms`` pass with no new request, and at the
 latest ``max_batch_delay_ms`` after the model became free. At low load a lone request pays
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -29,13 +37,22 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from fastserve.codec import PredictRequest
+from fastserve.codec import PredictRequest, TabularRequest
 from fastserve.config import BatchSettings
-from fastserve.errors import BadFeatures, ModelError, QueueFull, QueueTimeout
+from fastserve.errors import (
+    BadFeatures,
+    ModelError,
+    ModelRejectedInput,
+    QueueFull,
+    QueueTimeout,
+    UnknownOutput,
+)
+from fastserve.inputs import Inputs, Side
+from fastserve.outputs import PREDICT_ONLY, Outputs
+from fastserve.predict_process import PredictProcessDied
 from fastserve.queue import FULL, Batch, RingQueue
 from fastserve.registry import Predict
+from fastserve.schema import InputSchema
 
 if TYPE_CHECKING:
     from fastserve.metrics import Metrics, VersionMeter
@@ -47,6 +64,25 @@ _RATE_SMOOTHING = 0.1
 # A predict that spends at least this share of its time on the CPU computes (see Turns);
 # below it, it mostly waits, and other versions need not give way to it.
 _COMPUTING = 0.5
+# The model's message, as a 422 carries it: cut to this length, with no paths.
+_MESSAGE_CHARS = 300
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/][^\s'\",;)\]]+")
+
+# What one request's future resolves to: its predictions, or its outputs by name.
+Answer = list[Any] | dict[str, list[Any]]
+
+
+class _Pending:
+    """A queued request that asked for more than predictions, or whose columns are not all in
+    the ring buffer: what its batch needs of it beside its rows. (A plain request's waiter
+    is its future alone.)"""
+
+    __slots__ = ("future", "names", "side")
+
+    def __init__(self, future: asyncio.Future[Answer], names: frozenset[str], side: Side | None) -> None:
+        self.future = future
+        self.names = names
+        self.side = side
 
 
 @dataclass
@@ -107,12 +143,22 @@ class Batcher:
         loop: asyncio.AbstractEventLoop,
         metrics: Metrics | None = None,
         turns: Turns | None = None,
+        *,
+        inputs: Inputs | None = None,
+        outputs: Outputs | None = None,
+        probe: Any = None,
     ) -> None:
+        """``predict`` answers a batch of ``n_features`` positional values a row, unless the
+        version has ``inputs`` (its schema) and ``outputs``; ``probe`` is an input the model
+        predicted when it loaded, to tell a broken model from bad input (see the module)."""
         self.model = model
         self.version = version
         self.settings = settings
+        self.inputs = inputs or Inputs(InputSchema(n_features))
+        self.outputs = outputs or Outputs(("predict",), lambda X, _: {"predict": predict(X)})
+        self._probe = probe
         self.queue = RingQueue(
-            n_features,
+            self.inputs.width,
             max_batch_rows=settings.max_batch_rows,
             max_queue_depth=settings.max_queue_depth,
             timeout_ns=max(1, int(settings.queue_timeout_ms * 1e6)),
@@ -123,7 +169,6 @@ class Batcher:
         if metrics is not None:
             self.meter = metrics.meter(model, version, self.queue)
             self._enqueued = self.meter.enqueued
-        self._predict = predict
         self._loop = loop
         self._max_batch_rows = settings.max_batch_rows
         self._window_s = settings.batch_window_ms / 1000
@@ -147,18 +192,20 @@ class Batcher:
 
     # -- admission (event loop, per request) ------------------------------------------------
 
-    def admit(self, request: PredictRequest) -> asyncio.Future[list[Any]]:
-        """Queue a decoded request; its future resolves to its predictions.
+    def admit(self, request: PredictRequest | TabularRequest) -> asyncio.Future[Answer]:
+        """Queue a decoded request; its future resolves to its predictions (a list), or to its
+        outputs by name when it named some.
 
-        Raises ``QueueFull`` when admission is refused and ``BadFeatures`` when its rows are
-        wrong; a refused or bad request never reaches a batch.
+        Raises ``QueueFull`` when admission is refused, ``BadFeatures`` when its rows are
+        wrong and ``UnknownOutput`` for an output the version lacks; such a request never
+        reaches a batch.
         """
         future = self._enqueue(request)
         if future is None:
             raise self.shed()
         return future
 
-    def offer(self, request: PredictRequest) -> asyncio.Future[list[Any]] | None:
+    def offer(self, request: PredictRequest | TabularRequest) -> asyncio.Future[Answer] | None:
         """Queue a shadow copy if there is room, else ``None``: a copy is the first thing dropped,
         and dropping it is not a refusal anybody sees. Copies take at most half the queue, so
         they never crowd out the candidate's own (canary) requests."""
@@ -166,30 +213,26 @@ class Batcher:
             return None
         try:
             return self._enqueue(request)
-        except BadFeatures:
+        except (BadFeatures, UnknownOutput):
             return None
 
-    def _enqueue(self, request: PredictRequest) -> asyncio.Future[list[Any]] | None:
+    def _enqueue(self, request: PredictRequest | TabularRequest) -> asyncio.Future[Answer] | None:
+        names = self.outputs.check(request.outputs)
         queue = self.queue
         slot = queue.reserve(request.n_rows)
         if slot == FULL:
             return None
         try:
-            if request.features is not None:
-                queue.write_one(slot, request.features)
-            elif isinstance(request.instances, bytes):
-                assert request.shape is not None
-                if request.shape[1] != queue.n_features:
-                    raise ValueError(f"shape has {request.shape[1]} features, expected {queue.n_features}")
-                queue.write_bytes(slot, request.instances)
-            else:
-                queue.write(slot, request.instances)  # type: ignore[arg-type]
-        except (ValueError, TypeError) as exc:
+            side = self.inputs.write(queue, slot, request)
+        except BadFeatures:
             queue.abort(slot)
-            raise BadFeatures(str(exc)) from None
-        future: asyncio.Future[list[Any]] = self._loop.create_future()
+            raise
+        future: asyncio.Future[Answer] = self._loop.create_future()
         now_ns = time.monotonic_ns()
-        queue.commit(slot, future, now_ns)
+        if side is None and names is PREDICT_ONLY:
+            queue.commit(slot, future, now_ns)
+        else:
+            queue.commit(slot, _Pending(future, names, side), now_ns)
         if self._enqueued is not None:
             self._enqueued.append(now_ns)
         self._last_commit_s = now_ns / 1e9
@@ -294,7 +337,7 @@ class Batcher:
             if self.meter is not None:
                 self.meter.drained(len(batch.expired), len(batch.waiters), now_ns)
             if batch.expired:
-                self._expire(batch.expired)  # type: ignore[arg-type]
+                self._expire(batch.expired)
             if batch.n_rows:
                 self._busy = True
                 if self._turns is not None:
@@ -303,10 +346,11 @@ class Batcher:
                 return
             queue.release(batch)
 
-    def _expire(self, waiters: list[asyncio.Future[list[Any]]]) -> None:
+    def _expire(self, waiters: list[Any]) -> None:
         self.stats.expired += len(waiters)
         timeout_ms = self.settings.queue_timeout_ms
-        for future in waiters:
+        for waiter in waiters:
+            future = waiter.future if type(waiter) is _Pending else waiter
             if not future.done():
                 future.set_exception(QueueTimeout(f"waited in the queue past {timeout_ms:g} ms"))
 
@@ -318,12 +362,7 @@ class Batcher:
             if batch is None:
                 return
             started, cpu_started = time.perf_counter(), time.thread_time()
-            try:
-                assert batch.rows is not None  # only batches with rows are sent here
-                outcome: list[Any] | BaseException = np.asarray(self._predict(batch.rows)).tolist()
-            except Exception as exc:  # the model's failure is the batch's answer, not the server's
-                logger.exception("predict failed for %s %s", self.model, self.version)
-                outcome = exc
+            outcome = self._predict_batch(batch)
             elapsed = time.perf_counter() - started
             cpu = time.thread_time() - cpu_started
             try:
@@ -331,30 +370,119 @@ class Batcher:
             except RuntimeError:  # loop closed during shutdown: nobody is waiting any more
                 return
 
+    def _predict_batch(self, batch: Batch) -> dict[str, list[Any]] | list[Answer | Exception]:
+        """The batch's outputs by name; or, where the model raised, each request's own answer
+        or error (``_isolate``)."""
+        waiters = batch.waiters
+        rows = batch.rows
+        assert rows is not None  # only batches with rows are sent here
+        names = PREDICT_ONLY
+        for waiter in waiters:
+            if type(waiter) is _Pending and waiter.names is not PREDICT_ONLY:
+                names = names | waiter.names
+        try:
+            return self._compute(rows, waiters, names)
+        except PredictProcessDied as died:  # a child that died takes its batch: no retries
+            logger.error("predict failed for %s %s: %s", self.model, self.version, died)
+            return [ModelError(f"{self.model} {self.version} failed to predict")] * len(waiters)
+        except Exception as error:  # the model's failure is the batch's, not the server's
+            return self._isolate(batch, names, error)
+
+    def _compute(self, rows: Any, waiters: list[Any], names: frozenset[str]) -> dict[str, list[Any]]:
+        if self.inputs.schema.needs_frame:
+            # Every request has a Side where the version has columns beside the buffer.
+            sides = [w.side for w in waiters if type(w) is _Pending and w.side is not None]
+            rows = self.inputs.frame(rows, sides)
+        return self.outputs(rows, names)
+
+    def _isolate(self, batch: Batch, names: frozenset[str], error: Exception) -> list[Answer | Exception]:
+        """Split the failed batch, and split again, until the requests the model raises on stand
+        alone; the others get their answers. At most ``2n - 1`` predicts for ``n`` requests."""
+        waiters, sizes = batch.waiters, batch.sizes
+        rows = batch.rows
+        assert rows is not None
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        answers: list[Answer | Exception] = [error] * len(waiters)
+
+        def run(lo: int, hi: int, known: Exception | None = None) -> None:
+            try:
+                if known is not None:
+                    raise known
+                out = self._compute(rows[starts[lo] : starts[hi]], waiters[lo:hi], names)
+            except Exception as failure:
+                if hi - lo == 1:
+                    answers[lo] = failure
+                    return
+                middle = (lo + hi) // 2
+                run(lo, middle)
+                run(middle, hi)
+                return
+            for k in range(lo, hi):
+                answers[k] = _answer(waiters[k], out, starts[k] - starts[lo], sizes[k])
+
+        run(0, len(waiters), error)
+        failed = [k for k, answer in enumerate(answers) if isinstance(answer, Exception)]
+        if len(failed) == len(waiters) and not self._model_works():
+            logger.error("predict failed for %s %s", self.model, self.version, exc_info=error)
+            return [ModelError(f"{self.model} {self.version} failed to predict")] * len(waiters)
+        for k in failed:
+            failure = answers[k]
+            assert isinstance(failure, Exception)
+            logger.info("%s %s: the model rejected a request: %r", self.model, self.version, failure)
+            answers[k] = ModelRejectedInput(f"the model rejected this request's rows: {_safe(failure)}")
+        return answers
+
+    def _model_works(self) -> bool:
+        """Whether the model still predicts the input it predicted when it loaded."""
+        if self._probe is None:
+            return False
+        try:
+            self.outputs(self._probe, PREDICT_ONLY)
+        except Exception:
+            return False
+        return True
+
     # -- resolution (event loop, once per batch) -------------------------------------------
 
-    def _finish(self, batch: Batch, outcome: list[Any] | BaseException, elapsed: float, cpu: float) -> None:
-        waiters: list[asyncio.Future[list[Any]]] = batch.waiters  # type: ignore[assignment]
+    def _finish(
+        self,
+        batch: Batch,
+        outcome: dict[str, list[Any]] | list[Answer | Exception],
+        elapsed: float,
+        cpu: float,
+    ) -> None:
+        waiters: list[Any] = batch.waiters
         stats = self.stats
         stats.batches += 1
         stats.rows += batch.n_rows
-        stats.requests += len(batch.waiters)
+        stats.requests += len(waiters)
         stats.predict_seconds += elapsed
         if self.meter is not None:
             self.meter.predicted(batch.n_rows, elapsed)
-        if isinstance(outcome, BaseException):
-            stats.errors += len(batch.waiters)
-            for future in waiters:
-                if not future.done():
-                    future.set_exception(ModelError(f"{self.model} {self.version} failed to predict"))
+        if isinstance(outcome, list):  # the model raised: each request has its own answer
+            for waiter, answer in zip(waiters, outcome, strict=True):
+                future = waiter.future if type(waiter) is _Pending else waiter
+                if isinstance(answer, Exception):
+                    stats.errors += 1
+                    if not future.done():
+                        future.set_exception(answer)
+                elif not future.done():
+                    future.set_result(answer)
         else:
             if elapsed > 0:
                 rate = batch.n_rows / elapsed
                 self._rows_per_s += _RATE_SMOOTHING * (rate - self._rows_per_s) if self._rows_per_s else rate
+            predictions = outcome["predict"] if "predict" in outcome else None
             offset = 0
-            for future, size in zip(waiters, batch.sizes, strict=True):
-                if not future.done():
-                    future.set_result(outcome[offset : offset + size])
+            for waiter, size in zip(waiters, batch.sizes, strict=True):
+                if type(waiter) is _Pending:
+                    if not waiter.future.done():
+                        waiter.future.set_result(_answer(waiter, outcome, offset, size))
+                elif not waiter.done():
+                    assert predictions is not None
+                    waiter.set_result(predictions[offset : offset + size])
                 offset += size
         if elapsed > 0:
             share = min(1.0, cpu / elapsed)
@@ -389,3 +517,16 @@ class Batcher:
                 logger.warning("%s %s: stopped with requests still queued", self.model, self.version)
         self._jobs.put(None)
         self._thread.join(timeout=timeout_s)
+
+
+def _answer(waiter: Any, outcome: dict[str, list[Any]], offset: int, size: int) -> Answer:
+    """One request's part of a batch's outputs: its predictions, or the outputs it named."""
+    if type(waiter) is _Pending and waiter.names is not PREDICT_ONLY:
+        return {name: outcome[name][offset : offset + size] for name in waiter.names}
+    return outcome["predict"][offset : offset + size]
+
+
+def _safe(error: BaseException) -> str:
+    """The model's message fit for a client: no paths, at most ``_MESSAGE_CHARS``."""
+    text = _PATH.sub("<path>", f"{type(error).__name__}: {error}")
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."

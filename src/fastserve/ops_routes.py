@@ -1,4 +1,5 @@
-"""The small routes around predict: health, readiness, /status, /metrics and ``POST /deploy``.
+"""The small routes around predict: health, readiness, /status, /metrics, model metadata and
+``POST /deploy``.
 
 They go through Starlette (routing, its exception handlers); none is on the hot path. Every
 error they raise is a ``FastServeError`` answered with the standard error body.
@@ -20,7 +21,7 @@ from starlette.routing import Route
 from fastserve import codec
 from fastserve.body import receive_body
 from fastserve.codec import WireFormat
-from fastserve.errors import FastServeError, MethodNotAllowed, UnknownRoute
+from fastserve.errors import FastServeError, MethodNotAllowed, UnknownModel, UnknownRoute, UnknownVersion
 from fastserve.metrics import CONTENT_TYPE
 from fastserve.queue import COMPILED
 from fastserve.state import decode_action
@@ -33,7 +34,8 @@ _MAX_ACTION_BYTES = 16 * 1024
 
 
 def ops_routes(server: Server) -> list[Route]:
-    """``/deploy/{model}``, ``/healthz``, ``/readyz``, ``/status`` and ``/metrics`` of ``server``."""
+    """``/deploy/{model}``, ``/healthz``, ``/readyz``, ``/status``, ``/metrics`` and
+    ``/models/{model}[/versions/{version}]`` of ``server``."""
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -52,6 +54,13 @@ def ops_routes(server: Server) -> list[Route]:
         # Open, like /status: Prometheus scrapes without a token.
         return Response(server.render_metrics(), headers={"content-type": CONTENT_TYPE})
 
+    async def model(request: Request) -> Response:
+        return JSONResponse(_model_metadata(server, request.path_params["model"]))
+
+    async def version(request: Request) -> Response:
+        params = request.path_params
+        return JSONResponse(_version_metadata(server, params["model"], params["version"]))
+
     async def deploy(request: Request) -> Response:
         server.check_admin(request.headers.get("authorization"))
         action = decode_action(await receive_body(request.receive, _MAX_ACTION_BYTES))
@@ -65,6 +74,8 @@ def ops_routes(server: Server) -> list[Route]:
         Route("/readyz", readyz),
         Route("/status", status),
         Route("/metrics", metrics),
+        Route("/models/{model}", model),
+        Route("/models/{model}/versions/{version}", version),
     ]
 
 
@@ -130,10 +141,7 @@ def _status(server: Server) -> dict[str, Any]:
         route = server.router.routes.get(name)
         deployment = route.deployment if route is not None else None
         models[name] = {
-            "aliases": {
-                "stable": deployment.stable if deployment else None,
-                "candidate": deployment.candidate if deployment else None,
-            },
+            "aliases": _aliases(server, name),
             "canary": deployment.canary if deployment else 0.0,
             "shadow": deployment.shadow if deployment else False,
             "previous_stable": deployment.previous_stable if deployment else None,
@@ -154,6 +162,52 @@ def _status(server: Server) -> dict[str, Any]:
         "gc_frozen_objects": gc.get_freeze_count(),
         "models": models,
         "deploy_log": [entry.as_dict() for entry in history],
+    }
+
+
+def _model_metadata(server: Server, name: str) -> dict[str, Any]:
+    """``GET /models/{model}``: its aliases, and each version's input, outputs and classes."""
+    server.check_serving()
+    entry = server.models.get(name)
+    if entry is None:
+        raise UnknownModel(f"no model named {name!r}")
+    versions = {version: _described(server, name, version) for version in entry.versions}
+    for version, reason in entry.failed.items():
+        versions[version] = {"version": version, "state": "failed", "reason": reason}
+    return {"model": name, "aliases": _aliases(server, name), "versions": versions}
+
+
+def _version_metadata(server: Server, name: str, version: str) -> dict[str, Any]:
+    """``GET /models/{model}/versions/{version}``."""
+    server.check_serving()
+    entry = server.models.get(name)
+    if entry is None:
+        raise UnknownModel(f"no model named {name!r}")
+    if version not in entry.versions:
+        raise UnknownVersion(f"model {name!r} serves no version {version!r}")
+    aliases = [alias for alias, at in _aliases(server, name).items() if at == version]
+    return {"model": name, **_described(server, name, version), "aliases": aliases}
+
+
+def _described(server: Server, name: str, version: str) -> dict[str, Any]:
+    loaded = server.models[name].versions[version]
+    outputs = loaded.outputs.names if loaded.outputs is not None else ("predict",)
+    return {
+        "version": version,
+        "state": "serving",
+        "input": loaded.schema.as_dict(),
+        "outputs": list(outputs),
+        "classes": loaded.classes,
+        "predict": loaded.predict_path,
+    }
+
+
+def _aliases(server: Server, name: str) -> dict[str, str | None]:
+    route = server.router.routes.get(name)
+    deployment = route.deployment if route is not None else None
+    return {
+        "stable": deployment.stable if deployment else None,
+        "candidate": deployment.candidate if deployment else None,
     }
 
 

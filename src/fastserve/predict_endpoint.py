@@ -79,7 +79,7 @@ class PredictEndpoint:
             body = await self._bodies.read(
                 receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
             )
-            request = codec.decode(body, in_format)
+            request = codec.decode(body, in_format, batcher.inputs.named)
             n_rows = request.n_rows
             if n_rows > limits.max_rows_per_request or n_rows > batcher.queue.max_queue_depth:
                 limit = min(limits.max_rows_per_request, batcher.queue.max_queue_depth)

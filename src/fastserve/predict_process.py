@@ -15,9 +15,10 @@ Only versions the compiled tree predict does not take run here: it releases the 
 The child loads the version from the same artifact, with the same trust rules, as the
 worker did (``repository.load_estimator``). Only float64 rows go to it and only ``.npy`` bytes
 come back (``allow_pickle=False``): nothing is unpickled from the pipe. Over its stdin: the
-row count (8 bytes, little-endian) and the rows. Over its stdout: a status byte (0: the
-predictions follow; 1: predict raised, its message follows), the payload's length (8 bytes)
-and the payload. The child exits when its stdin closes: when the worker closes it, and when
+row count (8 bytes, little-endian), the outputs asked for (one byte, a bit per name of
+``outputs.OUTPUTS``) and the rows. Over its stdout: a status byte (0: the outputs follow, in
+``OUTPUTS`` order; 1: the model raised, its message follows), then each payload as its length
+(8 bytes) and its bytes. The child exits when its stdin closes: when the worker closes it, and when
 the worker dies. A child that dies fails the batch it had (``PredictProcessDied``) and is
 started again for the next one.
 """
@@ -32,16 +33,19 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from fastserve.outputs import OUTPUTS
+
 logger = logging.getLogger(__name__)
 
-_ROWS = struct.Struct("<q")
-_REPLY = struct.Struct("<Bq")  # status, payload length
+_REQUEST = struct.Struct("<qB")  # rows, outputs asked for (a bit per name of OUTPUTS)
+_REPLY = struct.Struct("<Bq")  # status, first payload's length
+_LENGTH = struct.Struct("<q")
 _OK, _RAISED = 0, 1
 
 
@@ -50,7 +54,8 @@ class PredictProcessDied(RuntimeError):
 
 
 class PredictProcess:
-    """``estimator.predict`` for one version, answered by a child process at nice 19.
+    """``estimator.predict`` (and the version's other outputs) for one version, answered by a
+    child process at nice 19.
 
     Called from the version's predict thread; a lock keeps one batch in the pipe at a time.
     """
@@ -68,24 +73,36 @@ class PredictProcess:
         return self._proc.pid if self._proc is not None else None
 
     def __call__(self, X: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return self.compute(X, ("predict",))["predict"]
+
+    def compute(self, X: np.ndarray[Any, Any], names: Collection[str]) -> dict[str, np.ndarray[Any, Any]]:
+        """The outputs ``names`` (of ``outputs.OUTPUTS``) of the rows ``X``, computed by the child."""
         rows = np.ascontiguousarray(X, dtype=np.float64)
         if rows.ndim != 2 or rows.shape[1] != self._n_features:
             raise ValueError(f"X has shape {rows.shape}, expected (n, {self._n_features})")
+        asked = [name for name in OUTPUTS if name in names]
+        mask = sum(1 << OUTPUTS.index(name) for name in asked)
         with self._lock:
             proc = self._proc if self._proc is not None else self._start()
             assert proc.stdin is not None and proc.stdout is not None
             try:
-                proc.stdin.write(_ROWS.pack(rows.shape[0]) + rows.tobytes())
+                proc.stdin.write(_REQUEST.pack(rows.shape[0], mask) + rows.tobytes())
                 proc.stdin.flush()
                 status, length = _REPLY.unpack(_read(proc.stdout, _REPLY.size))
-                payload = _read(proc.stdout, length)
+                payloads = [_read(proc.stdout, length)]
+                if status == _OK:
+                    for _ in asked[1:]:
+                        (length,) = _LENGTH.unpack(_read(proc.stdout, _LENGTH.size))
+                        payloads.append(_read(proc.stdout, length))
             except (OSError, EOFError):
                 self._stop()
                 raise PredictProcessDied("the predict process exited during the batch") from None
         if status != _OK:
-            raise RuntimeError(payload.decode(errors="replace"))
-        out: np.ndarray[Any, Any] = np.load(io.BytesIO(payload), allow_pickle=False)
-        return out
+            raise RuntimeError(payloads[0].decode(errors="replace"))
+        return {
+            name: np.load(io.BytesIO(payload), allow_pickle=False)
+            for name, payload in zip(asked, payloads, strict=True)
+        }
 
     def close(self) -> None:
         """Close the child's stdin (it exits on it) and reap it; idempotent."""
@@ -136,18 +153,24 @@ def main(argv: list[str]) -> int:
     requests = sys.stdin.buffer
     while True:
         try:
-            (n_rows,) = _ROWS.unpack(_read(requests, _ROWS.size))
+            n_rows, mask = _REQUEST.unpack(_read(requests, _REQUEST.size))
             rows = np.frombuffer(_read(requests, n_rows * n_features * 8), dtype=np.float64)
         except EOFError:
             return 0
+        names = [name for bit, name in enumerate(OUTPUTS) if mask & (1 << bit)]
         try:
-            predictions = np.asarray(estimator.predict(rows.reshape(n_rows, n_features)))
-            buffer = io.BytesIO()
-            np.save(buffer, predictions, allow_pickle=False)
-            status, payload = _OK, buffer.getvalue()
+            payloads = []
+            for name in names:
+                buffer = io.BytesIO()
+                values = np.asarray(getattr(estimator, name)(rows.reshape(n_rows, n_features)))
+                np.save(buffer, values, allow_pickle=False)
+                payloads.append(buffer.getvalue())
+            reply = _REPLY.pack(_OK, len(payloads[0])) + payloads[0]
+            reply += b"".join(_LENGTH.pack(len(payload)) + payload for payload in payloads[1:])
         except Exception as exc:  # the batch fails, the child goes on
-            status, payload = _RAISED, f"{type(exc).__name__}: {exc}".encode()
-        replies.write(_REPLY.pack(status, len(payload)) + payload)
+            message = f"{type(exc).__name__}: {exc}".encode()
+            reply = _REPLY.pack(_RAISED, len(message)) + message
+        replies.write(reply)
         replies.flush()
 
 

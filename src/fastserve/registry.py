@@ -1,9 +1,11 @@
 """The loaded versions of every model: validation, where each predict runs, and warm-up.
 
 The repository (``repository.py``) says what is on disk and what may be loaded; the registry
-loads it, checks that each version is a fitted estimator with ``n_features_in_`` and a
-``predict``, decides where its predict runs (fastserve's compiled tree predict, a predict
-process, or scikit-learn's own in the worker's thread), and warms it with one predict. A
+loads it, checks that each version is a fitted estimator with a ``predict``, settles its
+input schema (``schema.py``), finds its outputs (``predict``, ``predict_proba``, ...),
+decides where they are computed (fastserve's compiled tree predict, a predict process, or
+scikit-learn's own methods in the worker's thread), and warms every output once: on zeros
+for a positional version, on its example or a row built from its schema for a named one. A
 version that fails any of it is recorded with the reason and never served.
 """
 
@@ -12,16 +14,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fastserve.codec import TabularRequest
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings, override
+from fastserve.inputs import Inputs
+from fastserve.outputs import Compute, Outputs, WrongShape, by_methods, estimator_outputs
 from fastserve.predict_process import PredictProcess
 from fastserve.repository import Repository, load_estimator, version_dirs, version_key
+from fastserve.schema import InputSchema, infer_schema, read_example, warm_up_rows
 from fastserve.trees import compile_trees
 
 logger = logging.getLogger("fastserve.registry")
@@ -49,9 +55,14 @@ class LoadedVersion:
     estimator: Any
     n_features: int
     artifact: str  # file name within the version directory, for /status
-    # What the batcher calls: the estimator's predict, its compiled twin, or a PredictProcess.
+    # The estimator's predict, its compiled twin, or a PredictProcess.
     predict: Predict
     predict_path: str  # which, for /status: "compiled", "scikit-learn" or "process"
+    schema: InputSchema = field(default_factory=lambda: InputSchema(1))
+    inputs: Inputs | None = None  # how requests become rows
+    outputs: Outputs | None = None  # what the batcher calls, once per batch
+    probe: Any = None  # the warm-up input, which the model predicted at load
+    classes: list[Any] | None = None  # a classifier's classes_, in its columns' order
 
     def close(self) -> None:
         """Stop the version's predict process, if it has one."""
@@ -108,9 +119,10 @@ class Registry:
             batching=override(self.batching, config.get("batching", {}), where),
             limits=override(self.limits, config.get("limits", {}), where),
         )
+        declared = config.get("input", {})
         for version_dir in version_dirs(model_dir):
             try:
-                entry.versions[version_dir.name] = self._load_version(version_dir, entry.batching)
+                entry.versions[version_dir.name] = self._load_version(version_dir, entry.batching, declared)
             except Exception as exc:  # any failure makes the version unservable, not the server
                 reason = self.repository.describe(exc)
                 entry.failed[version_dir.name] = reason
@@ -119,34 +131,63 @@ class Registry:
             entry.stable = max(entry.versions, key=version_key)
         return entry
 
-    def _load_version(self, version_dir: Path, batching: BatchSettings) -> LoadedVersion:
+    def _load_version(
+        self, version_dir: Path, batching: BatchSettings, declared: dict[str, Any]
+    ) -> LoadedVersion:
         artifact = self.repository.artifact(version_dir)
         trusted_types = self.repository.trusted_types
         estimator = load_estimator(artifact, trusted_types)
-        n_features = getattr(estimator, "n_features_in_", None)
-        if not isinstance(n_features, int | np.integer) or n_features < 1:
-            raise ValueError("the estimator has no n_features_in_; fit it before saving")
+        where = f"{version_dir.parent.name}/model.toml"
+        example = read_example(version_dir, self.repository.root)
+        schema = infer_schema(estimator, declared, example, where)
         if not callable(getattr(estimator, "predict", None)):
             raise ValueError("the estimator has no predict method")
+        if schema.needs_frame:
+            _require_pandas()
+        n_features = schema.n_features
+        names = estimator_outputs(estimator)
+        compute = by_methods(estimator)
         predict: Predict = estimator.predict
         path = "scikit-learn"
-        compiled = compile_trees(estimator) if self.settings.compile_trees else None
+        if schema.named and not schema.needs_frame:
+            _forget_names(estimator)
+        # The compiled predict and the predict process take float64 rows, not a DataFrame.
+        compiling = self.settings.compile_trees and not schema.needs_frame
+        compiled = compile_trees(estimator) if compiling else None
         if compiled is not None:
             predict, path = compiled, "compiled"
-        elif self._in_a_process(version_dir, predict, int(n_features), batching.max_batch_rows):
-            predict, path = PredictProcess(artifact, trusted_types, int(n_features)), "process"
+            compute = _compiled_first(compiled, compute)
+        elif not schema.needs_frame and self._in_a_process(version_dir, predict, n_features, batching):
+            predict, path = PredictProcess(artifact, trusted_types, n_features), "process"
+            compute = predict.compute
+        fitted_classes = getattr(estimator, "classes_", None)
+        classes = fitted_classes.tolist() if fitted_classes is not None else None
+        loaded = LoadedVersion(
+            version_dir.name,
+            estimator,
+            n_features,
+            artifact.name,
+            predict,
+            path,
+            schema,
+            inputs=Inputs(schema),
+            outputs=Outputs(names, compute),
+            classes=classes,
+        )
         try:
-            _warm_up(predict, int(n_features))
+            loaded.probe = _warm_up(loaded, warm_up_rows(schema, example))
         except BaseException:
-            if isinstance(predict, PredictProcess):
-                predict.close()
+            loaded.close()
             raise
-        return LoadedVersion(version_dir.name, estimator, int(n_features), artifact.name, predict, path)
+        return loaded
 
-    def _in_a_process(self, version_dir: Path, predict: Predict, n_features: int, batch_rows: int) -> bool:
+    def _in_a_process(
+        self, version_dir: Path, predict: Predict, n_features: int, batching: BatchSettings
+    ) -> bool:
         """Whether the version's predict goes to a PredictProcess (settings.predict_process)."""
         if self.settings.predict_process != "auto":
             return self.settings.predict_process == "on"
+        batch_rows = batching.max_batch_rows
         held_ms = _thread_ms(predict, n_features, batch_rows)
         in_a_process = held_ms > PROCESS_ABOVE_MS
         logger.info(
@@ -173,8 +214,56 @@ def _thread_ms(predict: Predict, n_features: int, batch_rows: int) -> float:
     return least / 1e6
 
 
-def _warm_up(predict: Predict, n_features: int) -> None:
-    """One predict on zeros: a model that cannot predict is found now, not on a user's request."""
-    result = np.asarray(predict(np.zeros((1, n_features))))
-    if result.shape[:1] != (1,):
-        raise ValueError(f"warm-up predict returned shape {result.shape} for one row")
+def _warm_up(loaded: LoadedVersion, rows: list[dict[str, Any]] | None) -> Any:
+    """Every output once, on zeros or on the named rows: a model that cannot answer is found now,
+    not on a user's request. The input it predicted, for the batcher's probe."""
+    assert loaded.inputs is not None and loaded.outputs is not None
+    schema = loaded.schema
+    if rows is None:
+        X: Any = np.zeros((1, schema.n_features))
+    else:
+        buffered, side = loaded.inputs.convert(TabularRequest(instances=list(rows)))
+        X = np.array(buffered, dtype=np.float64)
+        if schema.needs_frame:
+            X = loaded.inputs.frame(X, [side] if side is not None else [])
+    outputs = loaded.outputs
+    try:
+        outputs(X, outputs.names)
+    except WrongShape as exc:
+        raise ValueError(f"warm-up {exc}") from None
+    return X
+
+
+def _compiled_first(compiled: Any, fallback: Compute) -> Compute:
+    """The compiled outputs from one walk of the trees; any other by the estimator's methods."""
+    ours = frozenset(compiled.output_names)
+
+    def compute(X: Any, names: Collection[str]) -> dict[str, np.ndarray[Any, Any]]:
+        out = compiled.compute(X, [name for name in names if name in ours])
+        rest = [name for name in names if name not in ours]
+        if rest:
+            out.update(fallback(X, rest))
+        return out  # type: ignore[no-any-return]
+
+    return compute
+
+
+def _forget_names(estimator: Any) -> None:
+    """Fitted on a DataFrame of numbers, the model is fed float64 rows in its fitted column order
+    (the names were mapped to positions when it loaded); without its ``feature_names_in_``,
+    scikit-learn stops warning on every batch that the rows have no names."""
+    steps = getattr(estimator, "steps", None)
+    first = steps[0][1] if isinstance(steps, list) and steps else estimator
+    for fitted in {id(estimator): estimator, id(first): first}.values():
+        if "feature_names_in_" in getattr(fitted, "__dict__", {}):
+            del fitted.feature_names_in_
+
+
+def _require_pandas() -> None:
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "this version takes strings or categories, so each batch is a pandas DataFrame: "
+            "pip install 'fastserve[pandas]'"
+        ) from None

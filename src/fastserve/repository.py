@@ -27,7 +27,7 @@ TRUSTED_TYPES = (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_MODEL_TOML_KEYS = {"stable", "batching", "limits"}
+_MODEL_TOML_KEYS = {"stable", "batching", "limits", "input"}
 
 
 def version_key(version: str) -> tuple[Any, ...]:
@@ -66,7 +66,7 @@ class Repository:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if not isinstance(config.get("stable", ""), str):
             raise ConfigError(f"{where}: stable must be a version name in quotes")
-        for table in ("batching", "limits"):
+        for table in ("batching", "limits", "input"):
             if not isinstance(config.get(table, {}), dict):
                 raise ConfigError(f"{where}: {table} must be a table ([{table}])")
         return config

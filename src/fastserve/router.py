@@ -21,13 +21,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import orjson
 
-from fastserve.batcher import Batcher
-from fastserve.codec import PredictRequest
+from fastserve.batcher import Answer, Batcher
+from fastserve.codec import PredictRequest, TabularRequest
 from fastserve.errors import ModelError, NotReady, UnknownModel, UnknownVersion
 from fastserve.state import Deployment
 
@@ -86,8 +85,8 @@ class Router:
             candidate = self._batchers.get((model, deployment.candidate))
             if candidate is None:
                 problems.append(f"candidate {deployment.candidate!r} is not loaded; it gets no traffic")
-            elif stable is not None and candidate.queue.n_features != stable.queue.n_features:
-                problems.append(f"candidate {deployment.candidate!r} takes a different number of features")
+            elif stable is not None and (mismatch := _input_mismatch(stable, candidate)):
+                problems.append(f"candidate {deployment.candidate!r} takes {mismatch}")
                 candidate = None
         problem = "; ".join(problems)
         if problem:
@@ -133,6 +132,17 @@ class Router:
         return sorted(model for model, route in self.routes.items() if route.stable is None)
 
 
+def _input_mismatch(stable: Batcher, candidate: Batcher) -> str:
+    """Why the candidate cannot answer what stable is asked, or "": it needs as many values a
+    row, and the same column names where both have names (positional rows map onto either)."""
+    ours, theirs = stable.inputs.schema, candidate.inputs.schema
+    if ours.n_features != theirs.n_features:
+        return "a different number of features"
+    if ours.named and theirs.named and {c.name for c in ours.columns} != {c.name for c in theirs.columns}:
+        return "other columns than stable"
+    return ""
+
+
 def _to_candidate(model: str, routing_key: bytes | None, share: float) -> bool:
     if routing_key is None:
         return random.random() < share
@@ -152,8 +162,8 @@ class ShadowMeter:
     def mirror(
         self,
         candidate: Batcher,
-        request: PredictRequest,
-        answer: asyncio.Future[list[Any]],
+        request: PredictRequest | TabularRequest,
+        answer: asyncio.Future[Answer],
         request_id: bytes,
     ) -> None:
         """Offer ``request`` to the candidate; compare once both it and ``answer`` are in."""
@@ -162,7 +172,7 @@ class ShadowMeter:
             self._count(candidate, DROPPED)
             return
 
-        def on_copy(copy: asyncio.Future[list[Any]]) -> None:
+        def on_copy(copy: asyncio.Future[Answer]) -> None:
             if answer.done():
                 self._compare(candidate, answer, copy, request_id)
             else:
@@ -173,8 +183,8 @@ class ShadowMeter:
     def _compare(
         self,
         candidate: Batcher,
-        answer: asyncio.Future[list[Any]],
-        copy: asyncio.Future[list[Any]],
+        answer: asyncio.Future[Answer],
+        copy: asyncio.Future[Answer],
         request_id: bytes,
     ) -> None:
         failure = copy.exception() if not copy.cancelled() else None
@@ -196,7 +206,7 @@ class ShadowMeter:
             counts = self.outcomes[candidate.model] = Counter()
         counts[candidate.version, outcome] += 1
 
-    def _sample(self, candidate: Batcher, expected: list[Any], got: list[Any], request_id: bytes) -> None:
+    def _sample(self, candidate: Batcher, expected: Answer, got: Answer, request_id: bytes) -> None:
         now = time.monotonic()
         if now - self._last_sample.get(candidate.model, -_SAMPLE_EVERY_S) < _SAMPLE_EVERY_S:
             return
@@ -212,9 +222,13 @@ class ShadowMeter:
         disagreements_log.info("%s", orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY).decode())
 
 
-def _same(expected: list[Any], got: list[Any]) -> bool:
+def _same(expected: Answer, got: Answer) -> bool:
     if expected == got:
         return True
+    if isinstance(expected, dict) or isinstance(got, dict):  # outputs by name: each must agree
+        if not isinstance(expected, dict) or not isinstance(got, dict) or expected.keys() != got.keys():
+            return False
+        return all(_same(expected[name], got[name]) for name in expected)
     # Floating-point regressors: the last bits may differ between two equivalent models.
     try:
         a, b = np.asarray(expected, dtype=float), np.asarray(got, dtype=float)

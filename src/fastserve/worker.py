@@ -105,8 +105,11 @@ class Server:
                     loop,
                     self.metrics,
                     turns,
+                    inputs=loaded.inputs,
+                    outputs=loaded.outputs,
+                    probe=loaded.probe,
                 )
-                self.encoders[key] = PredictionEncoder(entry.name, version)
+                self.encoders[key] = PredictionEncoder(entry.name, version, loaded.classes)
         self.models = models
         self.store = store
         self._refresh_routes()
