@@ -1,7 +1,10 @@
-"""demo: the digits repository that `fastserve demo` writes, loaded the way the server loads it."""
+"""demo: the digits repository that `fastserve demo` writes, loaded the way the server loads it,
+and the churn pipeline (a DataFrame model, written apart until the server serves it)."""
 
 from __future__ import annotations
 
+import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,16 @@ from sklearn.datasets import load_digits
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 
 from fastserve.config import BatchSettings, LimitSettings, RepositorySettings
-from fastserve.demo import DEMO_MODEL
+from fastserve.demo import (
+    CHURN_CLASSES,
+    CHURN_COLUMNS,
+    CHURN_PLANS,
+    CHURN_REGIONS,
+    DEMO_MODEL,
+    churn_table,
+    write_churn_model,
+)
+from fastserve.errors import ConfigError
 from fastserve.registry import ModelEntry, Registry
 from fastserve.repository import TRUSTED_TYPES
 
@@ -98,3 +110,105 @@ def test_the_versions_disagree_somewhere(
     assert disagreements >= 1, "v1 and v2 agree on every row: version comparisons would show nothing"
     # Different models, not different labels: they still agree on most rows.
     assert disagreements < len(rows) // 4
+
+
+# --- churn: a Pipeline fitted on a DataFrame of mixed types ----------------------------
+
+
+@pytest.fixture(scope="module")
+def churn_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("pandas", reason="the churn model needs pandas: pip install 'fastserve[pandas]'")
+    return write_churn_model(tmp_path_factory.mktemp("churn-repo"))
+
+
+@pytest.fixture(scope="module")
+def churn_data(churn_file: Path) -> tuple[Any, np.ndarray[Any, Any]]:
+    return churn_table()
+
+
+def _load(path: Path) -> Any:
+    return sio.load(path, trusted=list(TRUSTED_TYPES))
+
+
+def test_churn_writes_the_model_and_its_example(churn_file: Path) -> None:
+    assert churn_file.parts[-3:] == ("churn", "v1", "model.skops")
+    assert sorted(p.name for p in churn_file.parent.iterdir()) == ["input_example.json", "model.skops"]
+    examples = json.loads((churn_file.parent / "input_example.json").read_text())
+    assert len(examples) == 3
+    for row in examples:
+        assert list(row) == list(CHURN_COLUMNS)
+        assert isinstance(row["age"], int) and isinstance(row["tenure_months"], int)
+        assert isinstance(row["monthly"], float) and isinstance(row["autopay"], bool)
+        assert row["region"] in CHURN_REGIONS
+    assert [row["plan"] for row in examples] == list(CHURN_PLANS)
+
+
+def test_churn_table_has_the_documented_dtypes(churn_data: tuple[Any, np.ndarray[Any, Any]]) -> None:
+    frame, labels = churn_data
+    assert {name: str(dtype) for name, dtype in frame.dtypes.items()} == CHURN_COLUMNS
+    assert list(frame["region"].cat.categories) == list(CHURN_REGIONS)
+    assert set(frame["plan"]) == set(CHURN_PLANS)
+    assert frame["age"].between(18, 80).all() and frame["tenure_months"].between(0, 72).all()
+    assert set(labels) == set(CHURN_CLASSES)
+
+
+def test_churn_needs_only_fastserve_trusted_types(churn_file: Path) -> None:
+    assert set(sio.get_untrusted_types(file=churn_file)) <= set(TRUSTED_TYPES)
+    assert type(_load(churn_file)).__name__ == "Pipeline"
+
+
+def test_the_loaded_pipeline_answers_as_the_fitted_one(
+    churn_file: Path, churn_data: tuple[Any, np.ndarray[Any, Any]]
+) -> None:
+    from fastserve.demo import churn_pipeline
+
+    frame, labels = churn_data
+    fitted = churn_pipeline().fit(frame, labels)
+    loaded = _load(churn_file)
+    assert list(loaded.classes_) == list(CHURN_CLASSES)
+    np.testing.assert_array_equal(loaded.predict(frame), fitted.predict(frame))
+    np.testing.assert_array_equal(loaded.predict_proba(frame), fitted.predict_proba(frame))
+
+
+def test_the_example_rows_predict(churn_file: Path) -> None:
+    import pandas as pd
+
+    examples = json.loads((churn_file.parent / "input_example.json").read_text())
+    frame = pd.DataFrame(examples).astype(
+        {"plan": object, "region": pd.CategoricalDtype(list(CHURN_REGIONS))}
+    )
+    loaded = _load(churn_file)
+    assert set(loaded.predict(frame)) <= set(CHURN_CLASSES)
+    assert loaded.predict_proba(frame).shape == (3, 2)
+
+
+def test_the_churn_model_is_not_trivial(
+    churn_file: Path, churn_data: tuple[Any, np.ndarray[Any, Any]]
+) -> None:
+    frame, labels = churn_data
+    accuracy = float((_load(churn_file).predict(frame) == labels).mean())
+    majority = max(float((labels == c).mean()) for c in CHURN_CLASSES)
+    # 0.807 against 0.566 for always answering "stay" (4,000 rows, seed 0).
+    assert accuracy > majority + 0.15, (accuracy, majority)
+
+
+def test_writing_twice_gives_the_same_model(
+    churn_file: Path, churn_data: tuple[Any, np.ndarray[Any, Any]], tmp_path: Path
+) -> None:
+    frame, _ = churn_data
+    again = _load(write_churn_model(tmp_path))
+    first = _load(churn_file)
+    np.testing.assert_array_equal(again.predict(frame), first.predict(frame))
+    np.testing.assert_array_equal(again.predict_proba(frame), first.predict_proba(frame))
+    assert (tmp_path / "churn" / "v1" / "input_example.json").read_text() == (
+        churn_file.parent / "input_example.json"
+    ).read_text()
+
+
+def test_the_churn_model_without_pandas_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'fastserve\[pandas\]'"):
+        write_churn_model(tmp_path)
+    assert not (tmp_path / "churn").exists()
