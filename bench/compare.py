@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import models, servers
-from bench.compute_ceiling import BATCH_SIZES, COMPILED, PROCESS, SCIKIT_LEARN
+from bench.compute_ceiling import BATCH_SIZES, COMPILED, DIGITS, PROCESS, SCIKIT_LEARN
 from bench.harness import (
     RESULTS_DIR,
     HarnessError,
@@ -74,13 +74,17 @@ MISSING_FASTSERVE = "the `fastserve` command is not installed (pip install -e .)
 
 
 def compute_ceiling(
-    model: Path, seconds: float, batch_sizes: Sequence[int] = BATCH_SIZES, predict: str = SCIKIT_LEARN
+    model: Path,
+    seconds: float,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    predict: str = SCIKIT_LEARN,
+    rows: str = DIGITS,
 ) -> list[Record]:
-    """The compute ceiling of ``predict`` (a path, see compute_ceiling.py) in its own process,
-    pinned to the servers' core."""
+    """The compute ceiling of ``predict`` (a path, see compute_ceiling.py) on batches of ``rows``
+    (digits or churn) in its own process, pinned to the servers' core."""
     argv = pinned(SERVER_CORE, [sys.executable, "-m", "bench.compute_ceiling", str(model)])
     argv += ["--seconds", str(seconds), "--batch-sizes", ",".join(map(str, batch_sizes))]
-    argv += ["--predict", predict]
+    argv += ["--predict", predict, "--rows", rows]
     env = {**os.environ, **SINGLE_THREAD_ENV}
     timeout = 120 + 30 * seconds
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=True)

@@ -9,8 +9,14 @@ There are two ceilings for a tree ensemble: scikit-learn's own ``predict`` (what
 call) and fastserve's compiled predict (``fastserve.trees``, what fastserve serves it with).
 Each server is compared with the ceiling of the predict it runs.
 
+``--rows churn`` feeds the churn pipeline (``fastserve.demo``) DataFrame batches of its own
+table, with the dtypes it was fitted on: building the DataFrame is the server's work, not
+the model's, and is left out.
+
     taskset -c 0 python -m bench.compute_ceiling bench/results/models/rf300.skops --seconds 2
     taskset -c 0 python -m bench.compute_ceiling bench/results/models/rf300.skops --predict compiled
+    taskset -c 0 python -m bench.compute_ceiling bench/results/models/repo-churn/churn/v1/model.skops \\
+        --rows churn
 """
 
 from __future__ import annotations
@@ -30,6 +36,20 @@ BATCH_SIZES = (1, 8, 16, 32, 64, 128, 256)
 # The names fastserve's /status gives its predicts. The process path's child calls scikit-learn's
 # predict: that is its ceiling, and the pipe to it is the server's cost, not the model's.
 SCIKIT_LEARN, COMPILED, PROCESS = "scikit-learn", "compiled", "process"
+DIGITS, CHURN = "digits", "churn"  # the rows a batch is made of
+
+
+def batch_maker(rows: str) -> Callable[[int], Any]:
+    """``size -> batch``: digits rows as a C-contiguous float64 array, or churn rows as a DataFrame."""
+    if rows == CHURN:
+        from fastserve.demo import churn_table
+
+        frame, _ = churn_table()
+        return lambda size: frame.iloc[np.resize(np.arange(len(frame)), size)].reset_index(drop=True)
+    from sklearn.datasets import load_digits
+
+    data = load_digits().data
+    return lambda size: np.ascontiguousarray(np.resize(data, (size, data.shape[1])))
 
 
 def predict_function(model: Any, path: str) -> Callable[[np.ndarray[Any, Any]], Any]:
@@ -45,17 +65,16 @@ def predict_function(model: Any, path: str) -> Callable[[np.ndarray[Any, Any]], 
 
 
 def measure(
-    predict: Callable[[np.ndarray[Any, Any]], Any],
+    predict: Callable[[Any], Any],
     batch_sizes: Sequence[int] = BATCH_SIZES,
     seconds: float = 2.0,
+    rows: str = DIGITS,
 ) -> list[Record]:
     """rows/s and seconds per ``predict`` call for each batch size, ``seconds`` of calls each (at least 3)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits().data
+    make_batch = batch_maker(rows)
     results = []
     for size in batch_sizes:
-        x = np.ascontiguousarray(np.resize(data, (size, data.shape[1])))
+        x = make_batch(size)
         predict(x)  # warm-up: first-call allocations
         calls: list[float] = []
         deadline = time.perf_counter() + seconds
@@ -95,10 +114,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="per batch size")
     parser.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     parser.add_argument("--predict", choices=(SCIKIT_LEARN, PROCESS, COMPILED), default=SCIKIT_LEARN)
+    parser.add_argument("--rows", choices=(DIGITS, CHURN), default=DIGITS, help="what a batch is made of")
     args = parser.parse_args()
     predict = predict_function(load(args.model), args.predict)
-    for row in measure(predict, [int(s) for s in args.batch_sizes.split(",")], args.seconds):
-        record = {"kind": "compute_ceiling", "model": args.model, "predict": args.predict, **row}
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    for row in measure(predict, sizes, args.seconds, args.rows):
+        record = {"kind": "compute_ceiling", "model": args.model, "predict": args.predict, "rows": args.rows}
+        record.update(row)
         print(json.dumps(record), flush=True)
 
 

@@ -1,4 +1,5 @@
-"""The benchmark's model files: RF-300 and a trivial LogisticRegression, trained on digits.
+"""The benchmark's model files: RF-300 and a trivial LogisticRegression, trained on digits,
+and the demo's churn pipeline (``fastserve.demo.write_churn_model``, needs pandas).
 
 The baselines load these; fastserve gets the same estimators as a model repository
 (``<repo>/digits/v1/model.skops``). Files are cached: training RF-300 takes seconds.
@@ -50,6 +51,21 @@ def repository(name: str, directory: Path = MODELS_DIR) -> Path:
         target.write_bytes(model_path(name, directory).read_bytes())
         (root / "digits" / "model.toml").write_text('stable = "v1"\n')
     return root
+
+
+def churn_repository(directory: Path = MODELS_DIR) -> Path:
+    """A fastserve repository holding only the demo's churn pipeline (``churn/v1``), written once."""
+    from fastserve.demo import write_churn_model
+
+    root = directory / "repo-churn"
+    if not (root / "churn" / "v1" / "model.skops").exists():
+        write_churn_model(root)
+    return root
+
+
+def churn_model_path(directory: Path = MODELS_DIR) -> Path:
+    """The churn pipeline's skops file (see ``churn_repository``)."""
+    return churn_repository(directory) / "churn" / "v1" / "model.skops"
 
 
 def load(path: Path | str) -> object:
