@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.harness import Server, free_port
+from bench import peers
+from bench.harness import ROOT, Server, free_port
 
 
 def fastserve_command() -> str | None:
@@ -76,3 +78,72 @@ def refusal_floor(name: str = "refusal-floor") -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "bench.baselines.refusal_floor", "--port", str(port)]
     return Server(name, argv, port, http2=True)
+
+
+MLSERVER_RUNTIME = "bench.baselines.mlserver_runtime.CountingSKLearnModel"
+
+
+def write_mlserver_repository(
+    directory: Path, estimators: dict[str, object], max_batch_size: int = 64, max_batch_time_s: float = 0.002
+) -> Path:
+    """An MLServer model repository: ``<name>/model.joblib`` and ``model-settings.json`` per model.
+
+    MLServer's scikit-learn runtime loads joblib (pickle) files only: these are the bench's
+    own copies of the fitted estimators fastserve serves from skops files. Adaptive batching
+    is on with fastserve's defaults (64 rows, 2 ms). The runtime is MLServer's, counting its
+    batches into ``<name>.stats`` (``bench/baselines/mlserver_runtime.py``).
+    """
+    import joblib
+
+    for name, estimator in estimators.items():
+        model_dir = directory / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        joblib.dump(estimator, model_dir / "model.joblib")
+        settings = {
+            "name": name,
+            "implementation": MLSERVER_RUNTIME,
+            "max_batch_size": max_batch_size,
+            "max_batch_time": max_batch_time_s,
+            "parameters": {
+                "uri": str(model_dir / "model.joblib"),
+                "version": "v1",
+                "extra": {"stats_file": str(directory / f"{name}.stats")},
+            },
+        }
+        (model_dir / "model-settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return directory
+
+
+def mlserver(repository: Path, model: str, name: str = "mlserver", parallel_workers: int = 0) -> Server:
+    """``mlserver start`` on a repository from ``write_mlserver_repository``, from its own
+    environment (``bench.peers``); ``model`` is the one ``predict_path`` and the stats file name.
+
+    ``parallel_workers=0`` runs inference in the server's process. MLServer's default (1) runs it
+    in a worker process beside it, and on RF-300 its batcher then sends that busy worker a batch
+    every 2 ms window: 4-5 rows a batch instead of 46-58, and a fifth of the throughput or less.
+    Access logs are off with ``debug`` off; gRPC and metrics get free ports of their own.
+    """
+    command = peers.executable("mlserver", "mlserver")
+    argv = [str(command or "mlserver"), "start", str(repository)]
+    port = free_port()
+    env = {
+        "MLSERVER_HOST": "127.0.0.1",
+        "MLSERVER_HTTP_PORT": str(port),
+        "MLSERVER_GRPC_PORT": str(free_port()),
+        "MLSERVER_METRICS_PORT": str(free_port()),
+        "MLSERVER_PARALLEL_WORKERS": str(parallel_workers),
+        "MLSERVER_DEBUG": "false",
+        # Else it makes them in its working directory: the checkout, where the harness starts it.
+        "MLSERVER_METRICS_DIR": str(repository / ".metrics"),
+        "MLSERVER_ENVIRONMENTS_DIR": str(repository / ".envs"),
+        "PYTHONPATH": str(ROOT),  # for its runtime, bench.baselines.mlserver_runtime
+    }
+    return Server(
+        name,
+        argv,
+        port,
+        ready_path="/v2/health/ready",
+        predict_path=f"/v2/models/{model}/infer",
+        stats_file=repository / f"{model}.stats",
+        env=env,
+    )
