@@ -48,6 +48,10 @@ class HarnessError(RuntimeError):
     """A server did not start, a tool is missing, or a run produced no result."""
 
 
+class NotServed(HarnessError):
+    """The server runs but says it will not serve a model (fastserve's ``/status`` gives why)."""
+
+
 @dataclass
 class Server:
     """How to start one server and where to reach it.
@@ -234,8 +238,36 @@ def wait_ready(server: Server, proc: subprocess.Popen[bytes], log_path: Path, ti
         with contextlib.suppress(OSError):
             if http_get(server.url(server.ready_path), timeout_s=1.0)[0] == 200:
                 return
+        refused = not_served(server)
+        if refused:
+            raise NotServed(f"{server.name} does not serve {refused}")
         time.sleep(0.2)
     raise HarnessError(f"{server.name} not ready after {timeout_s:.0f} s:\n{_tail(log_path)}")
+
+
+def not_served(server: Server) -> str | None:
+    """What a fastserve that has finished loading refuses to serve, and why; None otherwise.
+
+    A version that fails to load or to warm up is reported on ``/status`` and never served,
+    and ``/readyz`` stays 503 while a model has no servable stable version: waiting longer
+    would not change it.
+    """
+    if server.status_path is None:
+        return None
+    try:
+        status, text = http_get(server.url(server.status_path), timeout_s=1.0)
+        page = json.loads(text) if status == 200 else {}
+    except (OSError, ValueError):
+        return None
+    if page.get("phase") != "serving":
+        return None
+    failed = [
+        f"{model} {version} ({info.get('reason')})"
+        for model, entry in page.get("models", {}).items()
+        for version, info in entry.get("versions", {}).items()
+        if info.get("state") == "failed"
+    ]
+    return ", ".join(failed) or None
 
 
 def _tail(path: Path, lines: int = 15) -> str:
