@@ -18,7 +18,7 @@ install mlserver``); without it, it is skipped the same way.
 
     python -m bench.tabular                  # 64 connections, 10 s per run
     python -m bench.tabular --smoke          # CI: 1 s runs at 16 connections
-    python -m bench.tabular --mlserver-workers 1   # MLServer's default: inference in a worker process
+    python -m bench.tabular --servers mlserver --mlserver-workers 1   # MLServer's default: a worker process
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ CHURN_ROW = {"age": 31, "tenure_months": 12, "monthly": 49.5, "plan": "pro", "re
 CHECK_ROWS = 200
 _V2_DATATYPES = {"int64": "INT64", "float64": "FP64", "object": "BYTES", "category": "BYTES", "bool": "BOOL"}
 MLSERVER = "mlserver"
+SERVERS = ("fastserve", MLSERVER)
 PROBA_TARGET = 0.85  # issue 16: predict_proba within 15% of predict-only throughput
 
 
@@ -408,9 +409,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="MLServer's parallel_workers (0: inference in its process)",
     )
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: fastserve, mlserver")
     parser.add_argument("--smoke", action="store_true", help="CI: 1 s runs at 16 connections, short ceiling")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    args.servers = [n for n in args.servers.split(",") if n]
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown servers {sorted(unknown)}; choose from {', '.join(SERVERS)}")
     if args.smoke:
         args.connections, args.duration, args.warmup, args.ceiling_seconds = 16, 1, 0, 0.2
         args.retries, args.quiet_wait = 0, 0
@@ -428,9 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     stamp, args.work, recorder, machine = start_session(args.out, prefix="tabular-")
     peer_versions = recorder.add({"kind": "peer_versions", MLSERVER: peers.versions(MLSERVER)})[MLSERVER]
     args.churn_model = models.churn_model_path()
-    demo = servers.fastserve_demo(models.MODELS_DIR / "demo") if servers.fastserve_command() else None
+    args.demo = servers.fastserve_demo(models.MODELS_DIR / "demo") if servers.fastserve_command() else None
     # The RF-300 fastserve serves as digits v1; MLServer gets a joblib copy of the same file.
-    args.rf300_model = demo / "digits" / "v1" / "model.skops" if demo else models.model_path("rf300")
+    args.rf300_model = (
+        args.demo / "digits" / "v1" / "model.skops" if args.demo else models.model_path("rf300")
+    )
     churn_model, rf300 = models.load(args.churn_model), models.load(args.rf300_model)
     cases = _cases(args)
 
@@ -448,21 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Record] = []
     skipped: list[str] = []
     print(f"\nchurn and digits v1, {args.connections} connections:", flush=True)
-    if servers.fastserve_command() is None:
-        skipped.append(f"fastserve: skipped, {MISSING_FASTSERVE}")
-    else:
-        server = servers.fastserve(models.churn_repository(), "fastserve")
-        with _skipping(recorder, CHURN, "fastserve", skipped), serving(server, args.work / CHURN) as proc:
-            predict = _fastserve_predict(server)
-            runs.append(_run(server, proc, cases["fastserve-churn"], churn_model, args, recorder, predict))
-        assert demo is not None
-        server = servers.fastserve(demo, "fastserve")
-        with _skipping(recorder, DIGITS, "fastserve", skipped), serving(server, args.work / DIGITS) as proc:
-            predict = _fastserve_predict(server)
-            runs.append(_run(server, proc, cases["fastserve-digits"], rf300, args, recorder, predict))
-            case = cases["fastserve-digits-proba"]
-            runs.append(_run(server, proc, case, rf300, args, recorder, predict))
-    runs += _mlserver_runs(args, cases, churn_model, rf300, recorder, skipped)
+    if "fastserve" in args.servers:
+        runs += _fastserve_runs(args, cases, churn_model, rf300, recorder, skipped)
+    if MLSERVER in args.servers:
+        runs += _mlserver_runs(args, cases, churn_model, rf300, recorder, skipped)
 
     churn_runs = [r for r in runs if r["suite"] == CHURN]
     digits_runs = [r for r in runs if r["suite"] == DIGITS]
@@ -498,6 +495,33 @@ def _header(machine: Record, peer_versions: str) -> str:
     from bench.report import machine_header
 
     return f"{machine_header(machine)}  \nMLServer's environment: {peer_versions}."
+
+
+def _fastserve_runs(
+    args: argparse.Namespace,
+    cases: dict[str, Case],
+    churn_model: Any,
+    rf300: Any,
+    recorder: Recorder,
+    skipped: list[str],
+) -> list[Record]:
+    """fastserve on the churn repository, then on the demo's digits: predict only, then predict_proba."""
+    if servers.fastserve_command() is None or args.demo is None:
+        recorder.add({"kind": "skipped", "server": "fastserve", "reason": MISSING_FASTSERVE})
+        skipped.append(f"fastserve: skipped, {MISSING_FASTSERVE}")
+        return []
+    runs: list[Record] = []
+    server = servers.fastserve(models.churn_repository(), "fastserve")
+    with _skipping(recorder, CHURN, "fastserve", skipped), serving(server, args.work / CHURN) as proc:
+        predict = _fastserve_predict(server)
+        runs.append(_run(server, proc, cases["fastserve-churn"], churn_model, args, recorder, predict))
+    server = servers.fastserve(args.demo, "fastserve")
+    with _skipping(recorder, DIGITS, "fastserve", skipped), serving(server, args.work / DIGITS) as proc:
+        predict = _fastserve_predict(server)
+        runs.append(_run(server, proc, cases["fastserve-digits"], rf300, args, recorder, predict))
+        case = cases["fastserve-digits-proba"]
+        runs.append(_run(server, proc, case, rf300, args, recorder, predict))
+    return runs
 
 
 def _mlserver_runs(
