@@ -11,10 +11,10 @@ One run, every server alone on the server core in turn, wrk at ``-c`` connection
 
 Before any load, each server's answers are compared with the offline estimator's on the same
 rows (the body wrk sends among them): a server that answers differently is not measured. A
-server that refuses a model or an output (fastserve before issue 16's server side: it fails
-the churn pipeline's warm-up and ignores ``outputs``) is skipped with its reason, and the
-rest of the run goes on. MLServer runs from its own environment (``python -m bench.peers
-install mlserver``); without it, it is skipped the same way.
+server that refuses a model or an output (as fastserve did before issue 16: it failed the
+churn pipeline's warm-up and ignored ``outputs``) is skipped with its reason, and the rest of
+the run goes on. MLServer runs from its own environment (``python -m bench.peers install
+mlserver``); without it, it is skipped the same way. The tables end with issue 16's targets.
 
     python -m bench.tabular                  # 64 connections, 10 s per run
     python -m bench.tabular --smoke          # CI: 1 s runs at 16 connections
@@ -52,6 +52,7 @@ from bench.report import Recorder, calibration_note, ceiling_table, cpu_column, 
 MLSERVER = "mlserver"
 SERVERS = ("fastserve", MLSERVER)
 PROBA_TARGET = 0.85  # issue 16: predict_proba within 15% of predict-only throughput
+CHURN_TARGET = 3.0  # issue 16: at least 3x MLServer's throughput on churn, with a lower p99
 
 
 # --- runs -------------------------------------------------------------------------------
@@ -175,8 +176,19 @@ def churn_table(runs: Sequence[Record], ceiling: Sequence[Record]) -> str:
         body = "DataFrame of 64 rows, no HTTP"
         rows.append(("compute ceiling", body, SCIKIT_LEARN, f"{rate:,.0f}", _ratio(rate, base), per_call))
         rows[-1] += ("", "64", "100%", "", "")
-    header = [h.format(base="MLServer") for h in _HEADER]
-    return table(header, rows) + "\n" + calibration_note(runs)
+    out = table([h.format(base="MLServer") for h in _HEADER], rows)
+    fastserve = next((r for r in runs if r["server"] == "fastserve"), None)
+    mlserver = next((r for r in runs if r["server"].startswith(MLSERVER)), None)
+    if fastserve and mlserver:
+        ratio = fastserve["rps"] / mlserver["rps"]
+        lower_p99 = fastserve["latency_us"]["p99"] < mlserver["latency_us"]["p99"]
+        verdict = "met" if ratio >= CHURN_TARGET and lower_p99 else "NOT met"
+        p99 = "lower" if lower_p99 else "NOT lower"
+        out += (
+            f"\n\nfastserve / MLServer: {ratio:.2f}× the throughput, p99 {p99} "
+            f"(target ≥ {CHURN_TARGET:.0f}× with a lower p99: {verdict})."
+        )
+    return out + "\n" + calibration_note(runs)
 
 
 def digits_table(runs: Sequence[Record], ceiling: Sequence[Record]) -> str:
@@ -315,7 +327,8 @@ def _fastserve_runs(
         skipped.append(f"fastserve: skipped, {MISSING_FASTSERVE}")
         return []
     runs: list[Record] = []
-    server = servers.fastserve(models.churn_repository(), "fastserve")
+    churn = servers.fastserve(models.churn_repository(), "fastserve")
+    server = dataclasses.replace(churn, predict_path=f"/predict/{CHURN}")
     with _skipping(recorder, CHURN, "fastserve", skipped), serving(server, args.work / CHURN) as proc:
         predict = _fastserve_predict(server)
         runs.append(_run(server, proc, cases["fastserve-churn"], churn_model, args, recorder, predict))

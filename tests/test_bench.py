@@ -106,7 +106,7 @@ def test_mechanism_scenarios_run_and_lose_nothing(tmp_path: Path) -> None:
     assert "accepted_in_local_batches" in overload["process"]
 
 
-def test_tabular_checks_and_measures_mlserver_and_the_churn_ceiling(tmp_path: Path) -> None:
+def test_tabular_checks_and_measures_fastserve_mlserver_and_the_churn_ceiling(tmp_path: Path) -> None:
     pytest.importorskip("pandas", reason="the churn pipeline needs pandas: pip install -e '.[pandas]'")
     if peers.executable("mlserver", "mlserver") is None:
         pytest.skip(f"{peers.missing('mlserver')}; .ci/run installs it where it can")
@@ -127,11 +127,16 @@ def test_tabular_checks_and_measures_mlserver_and_the_churn_ceiling(tmp_path: Pa
     assert [r["batch_rows"] for r in ceiling] == [1, 8, 16, 32, 64, 128, 256]
     (versions,) = [r["mlserver"] for r in records if r["kind"] == "peer_versions"]
     assert {"mlserver", "mlserver-sklearn", "scikit-learn"} <= set(versions), versions
-    assert runs["digits", "fastserve", ("predict",)]["ok"] > 0
-    # Until fastserve serves pipelines and outputs (issue 16), it is skipped there, saying why.
-    skipped = {(r["suite"], r["server"]): r["reason"] for r in records if r["kind"] == "skipped"}
-    if ("churn", "fastserve", ("predict",)) not in runs:
-        assert "does not serve churn v1" in skipped["churn", "fastserve"], skipped
-    if ("digits", "fastserve", ("predict_proba",)) not in runs:
-        assert "without probabilities" in skipped["digits", "fastserve"], skipped
+    # fastserve on the churn pipeline's named rows, and digits v1 with and without probabilities.
+    for key in (("churn", "fastserve", ("predict",)), ("digits", "fastserve", ("predict",))):
+        assert runs[key]["ok"] > 0 and runs[key]["socket_errors"] == 0 and not runs[key]["non_2xx"], key
+    proba = runs["digits", "fastserve", ("predict_proba",)]
+    assert proba["ok"] > 0 and not proba["non_2xx"], proba
+    fastserve_checks = [r for r in records if r["kind"] == "check" and r["server"] == "fastserve"]
+    assert len(fastserve_checks) == 3 and all(r["body_equal"] for r in fastserve_checks), fastserve_checks
+    assert all(r.get("predict_equal", True) for r in fastserve_checks), fastserve_checks
+    assert [
+        r["predict_proba_max_abs_diff"] for r in fastserve_checks if "predict_proba_max_abs_diff" in r
+    ] == [0.0]
+    assert not [r for r in records if r["kind"] == "skipped"], records
     assert list(tmp_path.glob("tabular-*.md"))
