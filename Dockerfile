@@ -6,11 +6,12 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With pandas: the demo's churn pipeline, and any model fitted on a DataFrame of strings.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[pandas]'
 
 FROM python:3.11-slim
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+RUN pip install --no-cache-dir --no-index --find-links /wheels 'fastserve[pandas]' && rm -rf /wheels \
     && useradd --create-home --uid 10001 fastserve
 USER fastserve
 WORKDIR /home/fastserve

@@ -147,6 +147,10 @@ def _demo(directory: Path) -> int:
     print(f"fastserve: training the demo models into {directory} ...", file=sys.stderr)
     write_demo_repository(directory)
     print(f"fastserve: wrote {directory}/digits/v1 (RandomForest) and v2 (HistGradientBoosting)")
+    if (directory / "churn").is_dir():
+        print(f"fastserve: wrote {directory}/churn/v1 (a Pipeline on a mixed-type DataFrame)")
+    else:
+        print("fastserve: no churn model (a pandas pipeline): pip install 'fastserve[pandas]'")
     return 0
 
 

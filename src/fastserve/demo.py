@@ -9,6 +9,7 @@ a string plan, a categorical region, a bool), the kind of model most teams serve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,8 @@ stable = "v1"
 
 
 def write_demo_repository(root: Path) -> Path:
-    """Train both versions and write ``root/digits/{v1,v2}/model.skops`` and ``model.toml``."""
+    """Train both digits versions and write ``root/digits/{v1,v2}/model.skops`` and ``model.toml``;
+    and, where pandas is installed (``fastserve[pandas]``), the churn pipeline (``write_churn_model``)."""
     x, y = load_digits(return_X_y=True)
     versions = {
         "v1": RandomForestClassifier(n_estimators=300, random_state=0),
@@ -56,10 +58,21 @@ def write_demo_repository(root: Path) -> Path:
         sio.dump(estimator, partial)
         partial.replace(target)  # a crash mid-write never leaves a half file to load
     (model_dir / "model.toml").write_text(_MODEL_TOML)
+    if importlib.util.find_spec("pandas") is not None:
+        write_churn_model(root)
+        (root / CHURN_MODEL / "model.toml").write_text(_CHURN_TOML)
     return root
 
 
 CHURN_MODEL = "churn"
+_CHURN_TOML = """\
+stable = "v1"
+
+# The pipeline one-hot encodes region; it was fitted as a pandas categorical. Declared so, each
+# batch gets it as one, and a region that is not one of its categories is a 422 naming the row.
+[input]
+region = "category"
+"""
 CHURN_ROWS = 4000
 CHURN_CLASSES = ("churn", "stay")
 # The fitted pipeline's input: a column per name, of the dtype the table has.
