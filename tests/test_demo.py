@@ -50,7 +50,7 @@ def digits() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
 def test_writes_two_versions_and_model_toml(demo_root: Path) -> None:
     model_dir = demo_root / "digits"
-    assert sorted(p.name for p in demo_root.iterdir()) == ["digits"]
+    assert sorted(p.name for p in demo_root.iterdir()) == ["churn", "digits"]  # churn: pandas is here
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.toml", "v1", "v2"]
     for version in ("v1", "v2"):
         # Written atomically: only the final file, no partial left behind.
