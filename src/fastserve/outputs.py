@@ -63,8 +63,11 @@ class Outputs:
         """The outputs ``names`` for every row of ``X``, as lists (one value or row per row)."""
         n_rows = len(X)
         out = {}
-        # A probability of 0 has a log-probability of -inf: an answer, not a fault.
-        with np.errstate(divide="ignore"):
+        if "predict_log_proba" in names:
+            # A probability of 0 has a log-probability of -inf: an answer, not a fault.
+            with np.errstate(divide="ignore"):
+                computed = self._compute(X, names)
+        else:
             computed = self._compute(X, names)
         for name, values in computed.items():
             array = np.asarray(values)

@@ -93,6 +93,7 @@ PREDICT, PREDICT_PROBA, PREDICT_LOG_PROBA, DECISION_FUNCTION = (
     "decision_function",
 )
 # What a classifier's walk gives besides predict, where the estimator has the method.
+_PREDICT_ONLY = (PREDICT,)
 _FOREST_SCORES = (PREDICT_PROBA, PREDICT_LOG_PROBA)
 _BOOSTING_SCORES = (PREDICT_PROBA, DECISION_FUNCTION)
 
@@ -136,6 +137,8 @@ class CompiledTrees:
         wanted = self._wanted(names)
         if not wanted:
             return {}
+        if wanted == _PREDICT_ONLY:  # the batches of most requests: predict's own walk, no more
+            return {PREDICT: self(X)}
         out = self.compiled_outputs(X, wanted)
         if out is None:
             out = {name: getattr(self.estimator, name)(X) for name in wanted}
