@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import numpy as np
 import pandas as pd
 import pytest
 import skops.io as sio
@@ -283,6 +284,18 @@ def test_a_poisoned_request_fails_alone_in_its_batch(
     assert (after["requests"] - before["requests"]) / (after["batches"] - before["batches"]) > 1
 
 
+def assert_same_probabilities(answered: list[list[float]], expected: np.ndarray[Any, Any]) -> None:
+    """Each row's answer is the offline predict's, to the last bits BLAS leaves alone.
+
+    A logistic regression's scores go through a matrix product whose rounding depends on how
+    many rows it multiplies at once (numpy picks kernels by size), so a row predicted in a
+    batch of 17 may differ from the same row in a frame of 1,000 in the last ulp. Which rows
+    share a batch depends on timing; the compiled trees, which are exact, are held to equality
+    elsewhere.
+    """
+    np.testing.assert_allclose(np.array(answered), expected, rtol=1e-12, atol=1e-15)
+
+
 def test_a_thousand_concurrent_named_rows_are_batched_and_each_gets_its_own_answer(
     server: RunningServer, churn: Pipeline
 ) -> None:
@@ -294,8 +307,8 @@ def test_a_thousand_concurrent_named_rows_are_batched_and_each_gets_its_own_answ
     replies = asyncio.run(post_many("127.0.0.1", server.port, "/predict/churn", bodies, concurrency=64))
     after = status_of(server)["models"]["churn"]["versions"]["v1"]
     assert Counter(r.status for r in replies) == {200: 1000}
-    expected = churn.predict_proba(frame).tolist()
-    assert [msgspec.json.decode(r.body)["probabilities"][0] for r in replies] == expected
+    answered = [msgspec.json.decode(r.body)["probabilities"][0] for r in replies]
+    assert_same_probabilities(answered, churn.predict_proba(frame))
     mean_batch = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
     assert mean_batch > 4, mean_batch
 
@@ -335,9 +348,8 @@ def test_shadow_and_canary_on_named_rows(server: RunningServer, churn: Pipeline,
     try:
         replies = asyncio.run(post_many("127.0.0.1", server.port, "/predict/churn", bodies, concurrency=16))
         # Users get stable's answers; the copies go to v2 and are compared.
-        assert [msgspec.json.decode(r.body)["probabilities"][0] for r in replies] == churn.predict_proba(
-            frame
-        ).tolist()
+        answered = [msgspec.json.decode(r.body)["probabilities"][0] for r in replies]
+        assert_same_probabilities(answered, churn.predict_proba(frame))
         assert {r.headers["x-model-version"] for r in replies} == {"v1"}
         outcomes: dict[str, int] = {}
         for _ in range(100):
@@ -352,8 +364,7 @@ def test_shadow_and_canary_on_named_rows(server: RunningServer, churn: Pipeline,
         deploy(server, {"action": "candidate", "version": "v2", "canary": 1.0})
         replies = asyncio.run(post_many("127.0.0.1", server.port, "/predict/churn", bodies, concurrency=16))
         assert {r.headers["x-model-version"] for r in replies} == {"v2"}
-        assert [msgspec.json.decode(r.body)["probabilities"][0] for r in replies] == churn_v2.predict_proba(
-            frame
-        ).tolist()
+        answered = [msgspec.json.decode(r.body)["probabilities"][0] for r in replies]
+        assert_same_probabilities(answered, churn_v2.predict_proba(frame))
     finally:
         deploy(server, {"action": "clear_candidate"})
