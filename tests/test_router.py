@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from fastserve import router as router_module
+from fastserve.actions import Deployment
 from fastserve.batcher import Batcher
 from fastserve.codec import PredictRequest
 from fastserve.config import BatchSettings
 from fastserve.errors import ModelError, NotReady, UnknownModel, UnknownVersion
 from fastserve.router import Router, ShadowMeter
-from fastserve.state import Deployment
 
 N_FEATURES = 2
 # Observed shares must lie within this many standard deviations of the expected one: wide

@@ -15,22 +15,37 @@ from typing import Any
 import pytest
 
 from fastserve import state as state_module
-from fastserve.config import Settings, default_demo_repository
-from fastserve.errors import ConfigError, DeployConflict, MalformedBody, UnknownModel, UnknownVersion
-from fastserve.state import (
+from fastserve.actions import (
     ACTION_NAMES,
     Candidate,
     ClearCandidate,
     Deployment,
-    DeploymentStore,
+    Load,
     Promote,
     Rollback,
+    Unload,
     action_name,
     decode_action,
-    default_state_path,
     make_action,
-    state_path,
     transition,
+)
+from fastserve.config import Settings, default_demo_repository
+from fastserve.errors import (
+    ConfigError,
+    DeployConflict,
+    MalformedBody,
+    UnknownModel,
+    UnknownVersion,
+    VersionNotReady,
+)
+from fastserve.state import (
+    FAILED,
+    LOADING,
+    SERVING,
+    DeploymentStore,
+    VersionState,
+    default_state_path,
+    state_path,
 )
 
 # Every version the tests may deploy, with its feature count; v5 takes a different number.
@@ -67,7 +82,7 @@ def test_each_action_decodes(body: bytes, expected: object) -> None:
 
 
 def test_action_names_are_the_json_tags() -> None:
-    actions = [Candidate("v2"), Promote(), Rollback(), ClearCandidate()]
+    actions = [Candidate("v2"), Promote(), Rollback(), ClearCandidate(), Load("v3"), Unload("v1")]
     assert [action_name(a) for a in actions] == list(ACTION_NAMES)
 
 
@@ -547,3 +562,104 @@ def test_ready_workers_are_the_live_ones_of_this_server(store: DeploymentStore) 
     assert store.ready_workers(other_server) == [os.getppid()]
     store.worker_gone(me)
     assert store.ready_workers(server) == []
+
+
+# -- loaded versions: load, unload, and readiness across workers --------------------------------
+
+
+@pytest.fixture
+def loaded_store(store: DeploymentStore) -> DeploymentStore:
+    """Model m at stable v1, with v1 and v2 loaded, and this process as its one live worker,
+    serving both."""
+    store.seed_loaded({"m": ["v1", "v2"]})
+    store.worker_ready(os.getpid(), os.getppid())
+    for version in ("v1", "v2"):
+        store.record_version(os.getpid(), "m", version, VersionState(SERVING, None, 1000))
+    return store
+
+
+def test_seed_loaded_counts_only_on_a_models_first_start(store: DeploymentStore) -> None:
+    store.seed_loaded({"m": ["v1", "v2"]})
+    store.seed_loaded({"m": ["v1", "v2", "v3"], "n": ["v1"]})  # a restart with v3 new on disk
+    assert {m: sorted(v) for m, v in store.loaded().items()} == {"m": ["v1", "v2"], "n": ["v1"]}
+
+
+def test_load_adds_the_version_and_an_alias_waits_until_every_worker_serves_it(
+    loaded_store: DeploymentStore,
+) -> None:
+    store = loaded_store
+    store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])
+    assert sorted(store.loaded()["m"]) == ["v1", "v2", "v3"]
+    assert ("m", "v3") not in store.serving_everywhere()
+    with pytest.raises(VersionNotReady, match="not warm in every worker"):
+        store.act("m", Candidate("v3"), SERVABLE, "alice")
+    store.record_version(os.getpid(), "m", "v3", VersionState(LOADING, None, None))
+    with pytest.raises(VersionNotReady):
+        store.act("m", Rollback("v3"), SERVABLE, "alice")
+    store.record_version(os.getpid(), "m", "v3", VersionState(SERVING, None, 2000))
+    assert ("m", "v3") in store.serving_everywhere()
+    assert store.act("m", Candidate("v3"), SERVABLE, "alice").candidate == "v3"
+    assert [e.action for e in store.history(2)] == ["candidate", "load"]
+    assert store.history(2)[1].to_version == "v3"
+
+
+def test_a_version_that_failed_in_one_worker_is_not_servable_and_may_be_loaded_again(
+    loaded_store: DeploymentStore,
+) -> None:
+    store = loaded_store
+    store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])
+    store.record_version(os.getpid(), "m", "v3", VersionState(FAILED, "EOFError: truncated", None))
+    with pytest.raises(UnknownVersion):
+        store.act("m", Candidate("v3"), SERVABLE, "alice")
+    first = store.loaded()["m"]["v3"]
+    store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])  # after fixing it
+    assert store.loaded()["m"]["v3"] > first  # a newer request: every worker tries again
+
+
+def test_a_load_is_refused_for_a_version_not_on_disk_or_already_warm_everywhere(
+    loaded_store: DeploymentStore,
+) -> None:
+    with pytest.raises(UnknownVersion, match="no version 'v9' in the repository"):
+        loaded_store.act("m", Load("v9"), SERVABLE, "alice", on_disk=["v1", "v2"])
+    with pytest.raises(DeployConflict, match="warm in every worker already"):
+        loaded_store.act("m", Load("v2"), SERVABLE, "alice", on_disk=["v1", "v2"])
+
+
+def test_unload_drops_the_version_but_never_stable_or_candidate(loaded_store: DeploymentStore) -> None:
+    store = loaded_store
+    store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])
+    store.record_version(os.getpid(), "m", "v3", VersionState(SERVING, None, 2000))
+    store.act("m", Candidate("v3"), SERVABLE, "alice")
+    with pytest.raises(DeployConflict, match="is the stable"):
+        store.act("m", Unload("v1"), SERVABLE, "alice")
+    with pytest.raises(DeployConflict, match="is the candidate"):
+        store.act("m", Unload("v3"), SERVABLE, "alice")
+    after = store.act("m", Unload("v2"), SERVABLE, "alice")
+    assert (after.stable, after.candidate) == ("v1", "v3")
+    assert sorted(store.loaded()["m"]) == ["v1", "v3"]
+    with pytest.raises(UnknownVersion, match="no loaded version 'v2'"):
+        store.act("m", Unload("v2"), SERVABLE, "alice")
+    entry = store.history(1)[0]
+    assert (entry.action, entry.from_version, entry.to_version) == ("unload", "v2", None)
+
+
+def test_loading_a_new_model_makes_its_version_stable(loaded_store: DeploymentStore) -> None:
+    after = loaded_store.act("n", Load("v4"), {}, "alice", on_disk=["v4"])
+    assert after.stable == "v4" and loaded_store.deployments()["n"].stable == "v4"
+    assert loaded_store.loaded()["n"].keys() == {"v4"}
+
+
+def test_readiness_counts_only_live_workers(loaded_store: DeploymentStore) -> None:
+    store = loaded_store
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])
+    store.record_version(os.getpid(), "m", "v3", VersionState(SERVING, None, 2000))
+    # A worker killed outright, which never served v3: its pid is gone, so it does not count.
+    store.worker_ready(exited.pid, os.getppid())
+    assert ("m", "v3") in store.serving_everywhere()
+    states = store.version_states()
+    assert set(states[("m", "v3")]) == {os.getpid()}
+    assert states[("m", "v3")][os.getpid()] == VersionState(SERVING, None, 2000)
+    store.forget_version(os.getpid(), "m", "v3")
+    assert ("m", "v3") not in store.version_states()

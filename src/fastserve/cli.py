@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastserve import __version__
+from fastserve.actions import ACTION_NAMES, make_action
 from fastserve.config import (
     GROUPS,
     DeploySettings,
@@ -36,7 +37,7 @@ from fastserve.config import (
 )
 from fastserve.errors import ConfigError, FastServeError, UnknownModel
 from fastserve.repository import Repository
-from fastserve.state import ACTION_NAMES, DeploymentStore, make_action, state_path
+from fastserve.state import DeploymentStore, state_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,14 +53,16 @@ def _parser() -> argparse.ArgumentParser:
 
     deploy = commands.add_parser(
         "deploy",
-        help="move a model's aliases: candidate, promote, rollback, clear_candidate",
+        help="move a model's aliases (candidate, promote, rollback, clear_candidate), load and unload",
         description="Acts on the deployment state file directly. It checks that the version is in "
         "the repository, not that it loads: a version the server cannot load gets no traffic, and "
         "/status says why.",
     )
     deploy.add_argument("model")
     deploy.add_argument("action", choices=ACTION_NAMES)
-    deploy.add_argument("version", nargs="?", help="for candidate (required) and rollback (optional)")
+    deploy.add_argument(
+        "version", nargs="?", help="for candidate, load and unload (required) and rollback (optional)"
+    )
     deploy.add_argument("--canary", type=float, default=0.0, help="share of traffic to the candidate, 0-1")
     deploy.add_argument("--shadow", action="store_true", help="mirror stable's traffic to the candidate")
     add_arguments(deploy, RepositorySettings, DeploySettings)
@@ -90,8 +93,10 @@ def _offline_store(args: argparse.Namespace) -> tuple[DeploymentStore, dict[str,
     export_arguments(args, RepositorySettings, DeploySettings)
     settings = Settings.from_env()
     repository = resolve_repository(settings.repository)
-    discovered = Repository(repository, settings.repository).discover()
+    on_disk = Repository(repository, settings.repository)
+    discovered = on_disk.discover()
     store = DeploymentStore(state_path(settings))
+    store.seed_loaded(on_disk.first_loads())
     store.seed({model: stable for model, (_, stable) in discovered.items() if stable}, _actor())
     return store, {model: versions for model, (versions, _) in discovered.items()}
 
@@ -106,10 +111,12 @@ def _actor() -> str:
 
 def _deploy(args: argparse.Namespace) -> int:
     fields = {"action": args.action}
+    if args.action in ("candidate", "load", "unload") and args.version is None:
+        raise ConfigError(f"{args.action} needs a VERSION")
     if args.action == "candidate":
-        if args.version is None:
-            raise ConfigError("candidate needs a VERSION")
         fields |= {"version": args.version, "canary": args.canary, "shadow": args.shadow}
+    elif args.action in ("load", "unload"):
+        fields["version"] = args.version
     elif args.version is not None and args.action != "rollback":
         raise ConfigError(f"{args.action} takes no VERSION")
     elif args.version is not None:
@@ -121,7 +128,7 @@ def _deploy(args: argparse.Namespace) -> int:
         raise UnknownModel(f"no model named {args.model!r} in the repository")
     # The feature counts are unknown without loading the models; the server checks them.
     servable: dict[str, int | None] = dict.fromkeys(versions[args.model])
-    deployment = store.act(args.model, action, servable, _actor())
+    deployment = store.act(args.model, action, servable, _actor(), on_disk=versions[args.model])
     print(json.dumps(deployment.as_dict(), indent=2))
     return 0
 

@@ -62,6 +62,12 @@ class DeployConflict(FastServeError):
     status, code = 409, "deploy_conflict"
 
 
+class VersionNotReady(FastServeError):
+    """An action on a version that is loading: it is routable only once warm in every worker."""
+
+    status, code = 409, "version_not_ready"
+
+
 class BodyTimeout(FastServeError):
     status, code = 408, "body_timeout"
 

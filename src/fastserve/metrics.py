@@ -256,6 +256,12 @@ class Metrics:
         self._meters.append(meter)
         return meter
 
+    def retire(self, meter: VersionMeter) -> None:
+        """Flush what an unloaded version's meter holds, and stop sampling its queue (which it
+        would keep alive); its counts stay in the totals."""
+        self.flush()
+        self._meters.remove(meter)
+
     def follow(self, routes: RouteCounts) -> None:
         """Flush the router's routed and shadow counts too."""
         self._routes = routes

@@ -19,12 +19,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fastserve import codec
+from fastserve.actions import decode_action
 from fastserve.body import receive_body
 from fastserve.codec import WireFormat
 from fastserve.errors import FastServeError, MethodNotAllowed, UnknownModel, UnknownRoute, UnknownVersion
 from fastserve.metrics import CONTENT_TYPE
 from fastserve.queue import COMPILED
-from fastserve.state import decode_action
 from fastserve.worker import Server
 
 logger = logging.getLogger("fastserve")
@@ -116,6 +116,9 @@ EXCEPTION_HANDLERS = {
 
 def _status(server: Server) -> dict[str, Any]:
     models = {}
+    states = server.version_states()
+    routable = server.store.serving_everywhere() if server.store is not None else set()
+    here = server.lifecycle.states if server.lifecycle is not None else {}
     for name, entry in server.models.items():
         versions: dict[str, Any] = {}
         for version, loaded in entry.versions.items():
@@ -135,9 +138,25 @@ def _status(server: Server) -> dict[str, Any]:
                 "shed": stats.shed,
                 "expired": stats.expired,
                 "errors": stats.errors,
+                "loaded_mb": round((loaded.rss_bytes or 0) / 1e6, 1),
             }
         for version, reason in entry.failed.items():
             versions[version] = {"state": "failed", "reason": reason}
+        for (model, version), state in here.items():  # loading or unloading in this worker
+            if model == name:
+                versions[version] = {**versions.get(version, {}), "state": state}
+        for (model, version), workers in states.items():
+            if model == name:
+                described = versions.setdefault(version, {"state": "not loaded here"})
+                described["routable"] = (model, version) in routable
+                described["workers"] = {
+                    str(pid): {
+                        "state": s.state,
+                        "reason": s.reason,
+                        "loaded_mb": round((s.rss_bytes or 0) / 1e6, 1),
+                    }
+                    for pid, s in sorted(workers.items())
+                }
         route = server.router.routes.get(name)
         deployment = route.deployment if route is not None else None
         models[name] = {

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class LoadedVersion:
     outputs: Outputs | None = None  # what the batcher calls, once per batch
     probe: Any = None  # the warm-up input, which the model predicted at load
     classes: list[Any] | None = None  # a classifier's classes_, in its columns' order
+    rss_bytes: int | None = None  # what loading it added to the process's resident memory
 
     def close(self) -> None:
         """Stop the version's predict process, if it has one."""
@@ -82,6 +84,7 @@ class ModelEntry:
     limits: LimitSettings
     versions: dict[str, LoadedVersion] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # version -> reason
+    declared: dict[str, Any] = field(default_factory=dict)  # model.toml's [input] table
 
     @property
     def servable(self) -> bool:
@@ -89,7 +92,8 @@ class ModelEntry:
 
 
 class Registry:
-    """Loads every model in the repository; read-only once loaded."""
+    """Loads the models of the repository: all of them, the versions the state asks for, or one
+    version at a time while serving (``load_version``)."""
 
     def __init__(
         self,
@@ -106,30 +110,56 @@ class Registry:
 
     def load_all(self) -> dict[str, ModelEntry]:
         """Discover, load and warm every version; blocking, meant for a worker thread."""
-        models = {d.name: self._load_model(d) for d in self.repository.model_dirs()}
+        return self.load(None)
+
+    def load(self, wanted: Mapping[str, Collection[str]] | None) -> dict[str, ModelEntry]:
+        """Load and warm the ``wanted`` versions of each model (None: every version on disk); a
+        model left out is not loaded at all. Blocking, meant for a worker thread."""
+        models = {}
+        for model_dir in self.repository.model_dirs():
+            if wanted is not None and model_dir.name not in wanted:
+                continue
+            entry = self.entry(model_dir.name)
+            for version_dir in version_dirs(model_dir):
+                if wanted is None or version_dir.name in wanted[model_dir.name]:
+                    self._load_into(entry, version_dir)
+            if entry.stable is None and entry.versions:
+                entry.stable = max(entry.versions, key=version_key)
+            models[entry.name] = entry
         self.models = models
         return models
 
-    def _load_model(self, model_dir: Path) -> ModelEntry:
+    def entry(self, model: str) -> ModelEntry:
+        """A model's entry with its settings from ``model.toml``, and no version loaded yet."""
+        model_dir = self.repository.model_dir(model)
         config = self.repository.model_toml(model_dir)
-        where = f"{model_dir.name}/model.toml"
-        entry = ModelEntry(
-            name=model_dir.name,
+        where = f"{model}/model.toml"
+        return ModelEntry(
+            name=model,
             stable=config.get("stable"),
             batching=override(self.batching, config.get("batching", {}), where),
             limits=override(self.limits, config.get("limits", {}), where),
+            declared=config.get("input", {}),
         )
-        declared = config.get("input", {})
-        for version_dir in version_dirs(model_dir):
-            try:
-                entry.versions[version_dir.name] = self._load_version(version_dir, entry.batching, declared)
-            except Exception as exc:  # any failure makes the version unservable, not the server
-                reason = self.repository.describe(exc)
-                entry.failed[version_dir.name] = reason
-                logger.error("%s %s not served: %s", model_dir.name, version_dir.name, reason)
-        if entry.stable is None and entry.versions:
-            entry.stable = max(entry.versions, key=version_key)
-        return entry
+
+    def load_version(self, entry: ModelEntry, version: str) -> LoadedVersion:
+        """Load, check and warm one version of ``entry``'s model, under the same rules as at start;
+        any failure raises. Blocking, meant for a worker thread."""
+        return self._measured(self.repository.version_dir(entry.name, version), entry)
+
+    def _measured(self, version_dir: Path, entry: ModelEntry) -> LoadedVersion:
+        before = resident_bytes()
+        loaded = self._load_version(version_dir, entry.batching, entry.declared)
+        loaded.rss_bytes = max(0, resident_bytes() - before)
+        return loaded
+
+    def _load_into(self, entry: ModelEntry, version_dir: Path) -> None:
+        try:
+            entry.versions[version_dir.name] = self._measured(version_dir, entry)
+        except Exception as exc:  # any failure makes the version unservable, not the server
+            reason = self.repository.describe(exc)
+            entry.failed[version_dir.name] = reason
+            logger.error("%s %s not served: %s", entry.name, version_dir.name, reason)
 
     def _load_version(
         self, version_dir: Path, batching: BatchSettings, declared: dict[str, Any]
@@ -246,6 +276,18 @@ def _compiled_first(compiled: Any, fallback: Compute) -> Compute:
         return out  # type: ignore[no-any-return]
 
     return compute
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux; 0 where /proc is missing)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident_pages * _PAGE_BYTES
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _forget_names(estimator: Any) -> None:

@@ -27,7 +27,7 @@ TRUSTED_TYPES = (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_MODEL_TOML_KEYS = {"stable", "batching", "limits", "input"}
+_MODEL_TOML_KEYS = {"stable", "batching", "limits", "input", "load"}
 
 
 def version_key(version: str) -> tuple[Any, ...]:
@@ -49,6 +49,20 @@ class Repository:
             raise ConfigError(f"FASTSERVE_REPOSITORY: {self.root.name!r} is not a directory")
         return [d for d in sorted(self.root.iterdir()) if d.is_dir() and _NAME.match(d.name)]
 
+    def model_dir(self, model: str) -> Path:
+        """The directory of ``model``, by a name the repository allows and that is there."""
+        path = self.root / model
+        if not _NAME.match(model) or not path.is_dir():
+            raise FileNotFoundError(f"no model directory {model!r} in the repository")
+        return path
+
+    def version_dir(self, model: str, version: str) -> Path:
+        """The directory of one version, by names the repository allows and that are there."""
+        path = self.model_dir(model) / version
+        if not _NAME.match(version) or not path.is_dir():
+            raise FileNotFoundError(f"no version directory {model}/{version} in the repository")
+        return path
+
     def model_toml(self, model_dir: Path) -> dict[str, Any]:
         """A model's ``model.toml``, checked for its keys and their kinds; ``{}`` without one."""
         path = model_dir / "model.toml"
@@ -69,7 +83,20 @@ class Repository:
         for table in ("batching", "limits", "input"):
             if not isinstance(config.get(table, {}), dict):
                 raise ConfigError(f"{where}: {table} must be a table ([{table}])")
+        load = config.get("load", [])
+        if not isinstance(load, list) or not all(isinstance(v, str) for v in load):
+            raise ConfigError(f"{where}: load must be a list of version names in quotes")
         return config
+
+    def first_loads(self) -> dict[str, list[str]]:
+        """The versions each model loads on its very first start: ``model.toml``'s ``load``
+        list, else every version with a model file."""
+        loads = {}
+        for model_dir in self.model_dirs():
+            listed = self.model_toml(model_dir).get("load")
+            on_disk = [d.name for d in version_dirs(model_dir) if self._has_artifact(d)]
+            loads[model_dir.name] = [v for v in on_disk if v in listed] if listed is not None else on_disk
+        return loads
 
     def discover(self) -> dict[str, tuple[list[str], str | None]]:
         """Each model's versions that have an artifact, and the stable the repository asks for,

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from fastserve.actions import Deployment
 from fastserve.batcher import Answer, Batcher
 from fastserve.codec import PredictRequest, TabularRequest
 from fastserve.errors import ModelError, NotReady, UnknownModel, UnknownVersion
-from fastserve.state import Deployment
 
 logger = logging.getLogger("fastserve.router")
 disagreements_log = logging.getLogger("fastserve.shadow")
@@ -62,12 +62,25 @@ class Router:
     def __init__(self, batchers: dict[tuple[str, str], Batcher]) -> None:
         self._batchers = batchers
         self.routes: dict[str, Route] = {}
+        # None: every version this process has is routable. Else the versions warm in every
+        # worker (a pinned request reaches only those), and those loading somewhere.
+        self._routable: set[tuple[str, str]] | None = None
+        self._loading: frozenset[tuple[str, str]] = frozenset()
         self.routed: dict[str, Counter[tuple[str, str]]] = {}  # model -> (version, role) -> requests
         self.shadow = ShadowMeter()
 
-    def update(self, deployments: Mapping[str, Deployment], models: Iterable[str]) -> None:
-        """Route each of ``models`` by the new deployment state; the swap is one assignment."""
+    def update(
+        self,
+        deployments: Mapping[str, Deployment],
+        models: Iterable[str],
+        routable: set[tuple[str, str]] | None = None,
+        loading: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Route each of ``models`` by the new deployment state; the swap is one assignment.
+        ``routable``: the versions warm in every worker (None: all this process has);
+        ``loading``: the versions the state wants that this process does not serve yet."""
         routes = {}
+        self._routable, self._loading = routable, frozenset(loading)
         for model in models:
             routes[model] = self._route(model, deployments.get(model))
             self.routed.setdefault(model, Counter())
@@ -120,8 +133,11 @@ class Router:
 
     def pinned(self, model: str, version: str) -> Batcher:
         """The batcher of an explicitly requested version: no canary, no shadow."""
-        batcher = self._batchers.get((model, version))
-        if batcher is None:
+        key = (model, version)
+        batcher = self._batchers.get(key)
+        if batcher is None or (self._routable is not None and key not in self._routable):
+            if key in self._loading or batcher is not None:
+                raise NotReady(f"model {model!r} version {version!r} is not warm in every worker yet")
             if model not in self.routes:
                 raise UnknownModel(f"no model named {model!r}")
             raise UnknownVersion(f"model {model!r} serves no version {version!r}")
@@ -129,7 +145,14 @@ class Router:
         return batcher
 
     def unservable(self) -> list[str]:
-        return sorted(model for model, route in self.routes.items() if route.stable is None)
+        """The models with no stable version to serve here, but for a model whose first version
+        is being loaded at runtime: it is not part of what the server serves yet."""
+        return sorted(
+            model
+            for model, route in self.routes.items()
+            if route.stable is None
+            and (route.deployment is None or (model, route.deployment.stable) not in self._loading)
+        )
 
 
 def _input_mismatch(stable: Batcher, candidate: Batcher) -> str:

@@ -1,4 +1,5 @@
-"""Deployment state shared by every worker process and every restart: aliases, canary, shadow, audit.
+"""Deployment state shared by every worker process and every restart: aliases, canary, shadow,
+the versions to load and where each is warm, and the audit log.
 
 The store is one SQLite file in WAL mode, so that the workers of ``granian --workers N``,
 ``fastserve deploy`` on the host, and a restarted server all read and write the same truth.
@@ -11,6 +12,12 @@ A model gets its row the first time a server (or the CLI) sees it, seeded from t
 repository (``model.toml``'s ``stable``, else the latest version). From then on the store
 rules: a new version dropped into the repository is served only once it is deployed.
 
+The versions to load are rows too (``loaded``), seeded the first time a model is seen
+(``model.toml``'s ``load = [...]``, else every version on disk) and changed by the ``load``
+and ``unload`` actions; a restart loads exactly these. Each worker records, per version,
+whether it is loading, serving or failed (``worker_version``); a version is warm everywhere
+when every live ready worker serves it, and only then may an alias point at it.
+
 Workers see other processes' actions by polling ``PRAGMA data_version``, which SQLite
 keeps in shared memory: a poll reads no table and takes microseconds.
 """
@@ -21,168 +28,41 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
-from fastserve.config import Settings, resolve_repository
-from fastserve.errors import (
-    ConfigError,
-    DeployConflict,
-    MalformedBody,
-    UnknownModel,
-    UnknownVersion,
-    without_path,
+from fastserve.actions import (
+    ALIAS_ACTIONS,
+    Action,
+    AuditEntry,
+    Candidate,
+    Deployment,
+    Load,
+    Unload,
+    action_name,
+    loaded_after,
+    moved,
+    transition,
 )
+from fastserve.config import Settings, resolve_repository
+from fastserve.errors import ConfigError, UnknownModel, without_path
 
-# -- actions ------------------------------------------------------------------------------------
-
-
-# A version name as the repository allows it: an empty one would read as "none" below.
-_Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-
-
-class Candidate(msgspec.Struct, tag="candidate", tag_field="action", forbid_unknown_fields=True):
-    """Make ``version`` the candidate: ``canary`` of the traffic goes to it, ``shadow`` mirrors the rest."""
-
-    version: _Version
-    canary: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
-    shadow: bool = False
-
-
-class Promote(msgspec.Struct, tag="promote", tag_field="action", forbid_unknown_fields=True):
-    """The candidate becomes stable; the old stable is kept as the rollback target."""
-
-
-class Rollback(msgspec.Struct, tag="rollback", tag_field="action", forbid_unknown_fields=True):
-    """Stable goes back to ``version``, or to the previous stable when no version is named."""
-
-    version: _Version | None = None
-
-
-class ClearCandidate(msgspec.Struct, tag="clear_candidate", tag_field="action", forbid_unknown_fields=True):
-    """No candidate: all traffic to stable, nothing mirrored."""
-
-
-Action = Candidate | Promote | Rollback | ClearCandidate
-ACTION_NAMES = ("candidate", "promote", "rollback", "clear_candidate")
-
-_ACTION_DECODER = msgspec.json.Decoder(Action)
-
-
-def make_action(fields: Mapping[str, Any]) -> Action:
-    """A deployment action from its fields (the CLI's arguments), checked as a body would be."""
-    try:
-        action: Action = msgspec.convert(fields, Action)
-    except msgspec.ValidationError as exc:
-        raise MalformedBody(f"not a deployment action: {exc}") from None
-    return action
-
-
-def decode_action(body: bytes) -> Action:
-    """A deployment action from its JSON body, or ``MalformedBody`` saying what is wrong."""
-    try:
-        action: Action = _ACTION_DECODER.decode(body)
-    except msgspec.DecodeError as exc:
-        raise MalformedBody(f"not a deployment action: {exc}") from None
-    return action
-
-
-def action_name(action: Action) -> str:
-    return type(action).__struct_config__.tag  # type: ignore[return-value]
-
-
-# -- state and its transitions ------------------------------------------------------------------
+# Version states a worker records (worker_version.state).
+LOADING, SERVING, FAILED = "loading", "serving", "failed"
 
 
 @dataclass(frozen=True)
-class Deployment:
-    """Where one model's traffic goes."""
+class VersionState:
+    """One worker's record of one version."""
 
-    model: str
-    stable: str
-    candidate: str | None = None
-    canary: float = 0.0
-    shadow: bool = False
-    previous_stable: str | None = None
-    updated_at: float = 0.0  # unix seconds of the last action
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    """One action, as the audit log keeps it."""
-
-    at: float  # unix seconds
-    model: str
-    action: str
-    from_version: str | None
-    to_version: str | None
-    actor: str
-    detail: dict[str, Any]
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def transition(current: Deployment, action: Action, servable: Mapping[str, int | None]) -> Deployment:
-    """The deployment after ``action``.
-
-    ``servable`` maps each version that may be deployed to its feature count (``None`` when
-    the caller cannot know it without loading the model, as the CLI). Raises
-    ``UnknownVersion`` for a version not in it, and ``DeployConflict`` for an action that
-    makes no sense in the current state.
-    """
-    model = current.model
-    if isinstance(action, Candidate):
-        _check_servable(model, action.version, servable)
-        if action.version == current.stable:
-            raise DeployConflict(f"{model} {action.version} is already stable")
-        wanted, serving = servable[action.version], servable.get(current.stable)
-        if wanted is not None and serving is not None and wanted != serving:
-            raise DeployConflict(
-                f"{model} {action.version} takes {wanted} features, stable {current.stable} takes {serving}"
-            )
-        return replace(current, candidate=action.version, canary=action.canary, shadow=action.shadow)
-    if isinstance(action, Promote):
-        if current.candidate is None:
-            raise DeployConflict(f"{model} has no candidate to promote")
-        _check_servable(model, current.candidate, servable)
-        return _new_stable(current, current.candidate)
-    if isinstance(action, Rollback):
-        target = action.version or current.previous_stable
-        if target is None:
-            raise DeployConflict(f"{model} has no previous stable version to roll back to")
-        _check_servable(model, target, servable)
-        if target == current.stable:
-            raise DeployConflict(f"{model} {target} is already stable")
-        return _new_stable(current, target)
-    return replace(current, candidate=None, canary=0.0, shadow=False)
-
-
-def _new_stable(current: Deployment, version: str) -> Deployment:
-    # The candidate survives a rollback unless it is the version that becomes stable.
-    deployment = replace(current, stable=version, previous_stable=current.stable)
-    if deployment.candidate == version:
-        deployment = replace(deployment, candidate=None, canary=0.0, shadow=False)
-    return deployment
-
-
-def _check_servable(model: str, version: str, servable: Mapping[str, int | None]) -> None:
-    if version not in servable:
-        raise UnknownVersion(f"model {model!r} serves no version {version!r}")
-
-
-def _moved(before: Deployment, after: Deployment, action: Action) -> tuple[str | None, str | None]:
-    if isinstance(action, Promote | Rollback):
-        return before.stable, after.stable
-    return before.candidate, after.candidate
+    state: str  # LOADING, SERVING or FAILED
+    reason: str | None  # why it failed
+    rss_bytes: int | None  # what loading it added to the worker's resident memory
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -201,6 +81,22 @@ CREATE TABLE IF NOT EXISTS worker (
     pid INTEGER PRIMARY KEY,
     server INTEGER NOT NULL,
     ready_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loaded (
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE IF NOT EXISTS worker_version (
+    pid INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    rss_bytes INTEGER,
+    at REAL NOT NULL,
+    PRIMARY KEY (pid, model, version)
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -293,28 +189,76 @@ class DeploymentStore:
                 if inserted:
                     _audit(conn, AuditEntry(now, model, "init", None, stable, actor, {}))
 
-    def act(self, model: str, action: Action, servable: Mapping[str, int | None], actor: str) -> Deployment:
-        """Apply ``action`` to ``model`` atomically; the new deployment, audited."""
+    def seed_loaded(self, versions: Mapping[str, Iterable[str]]) -> None:
+        """Give each model that has no loaded versions yet these (its first start)."""
+        now = time.time()
+        with self._transaction() as conn:
+            for model, names in versions.items():
+                if conn.execute("SELECT 1 FROM loaded WHERE model = ? LIMIT 1", (model,)).fetchone():
+                    continue
+                conn.executemany(
+                    "INSERT INTO loaded (model, version, requested_at) VALUES (?, ?, ?)",
+                    [(model, version, now) for version in names],
+                )
+
+    def act(
+        self,
+        model: str,
+        action: Action,
+        servable: Mapping[str, int | None],
+        actor: str,
+        on_disk: Collection[str] | None = None,
+    ) -> Deployment:
+        """Apply ``action`` to ``model`` atomically; the new deployment, audited.
+
+        ``servable`` maps the versions the caller knows to their feature counts; an alias may
+        point only at a loaded version warm in every live worker (checked here, in the same
+        transaction). ``on_disk``: the versions with a model file, for ``load``.
+        """
         with self._transaction() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM deployment WHERE model = ?", (model,)).fetchone()
-            if row is None:
-                raise UnknownModel(f"no model named {model!r}")
-            before = _deployment(row)
-            after = replace(transition(before, action, servable), updated_at=time.time())
+            before = _deployment(row) if row is not None else None
+            loaded = frozenset(
+                v for (v,) in conn.execute("SELECT version FROM loaded WHERE model = ?", (model,))
+            )
+            serving, failed = _readiness(conn, model, loaded)
+            now = time.time()
+            if isinstance(action, ALIAS_ACTIONS):
+                if before is None:
+                    raise UnknownModel(f"no model named {model!r}")
+                if loaded:  # only what is loaded, and warm everywhere, may take an alias
+                    servable = {v: n for v, n in servable.items() if v in serving}
+                pending = loaded - serving - failed  # failed somewhere: not servable, not pending
+                after = replace(transition(before, action, servable, pending), updated_at=now)
+            else:
+                assert isinstance(action, Load | Unload)
+                loaded_after(model, before, loaded, action, on_disk, serving)
+                if isinstance(action, Load):
+                    conn.execute(
+                        "INSERT OR REPLACE INTO loaded (model, version, requested_at) VALUES (?, ?, ?)",
+                        (model, action.version, now),
+                    )
+                else:
+                    conn.execute(
+                        "DELETE FROM loaded WHERE model = ? AND version = ?", (model, action.version)
+                    )
+                # A whole new model starts on the version it was loaded with.
+                after = replace(before or Deployment(model, action.version), updated_at=now)
             conn.execute(
-                "UPDATE deployment SET stable = ?, candidate = ?, canary = ?, shadow = ?,"
-                " previous_stable = ?, updated_at = ? WHERE model = ?",
+                "INSERT OR REPLACE INTO deployment"
+                " (model, stable, candidate, canary, shadow, previous_stable, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
+                    model,
                     after.stable,
                     after.candidate,
                     after.canary,
                     int(after.shadow),
                     after.previous_stable,
                     after.updated_at,
-                    model,
                 ),
             )
-            source, target = _moved(before, after, action)
+            source, target = moved(before, after, action)
             detail = {"canary": after.canary, "shadow": after.shadow} if isinstance(action, Candidate) else {}
             entry = AuditEntry(after.updated_at, model, action_name(action), source, target, actor, detail)
             _audit(conn, entry)
@@ -350,6 +294,50 @@ class DeploymentStore:
     def worker_gone(self, pid: int) -> None:
         with self._transaction() as conn:
             conn.execute("DELETE FROM worker WHERE pid = ?", (pid,))
+            conn.execute("DELETE FROM worker_version WHERE pid = ?", (pid,))
+
+    def loaded(self) -> dict[str, dict[str, float]]:
+        """The versions to load: model -> version -> when the load was asked for (a newer time
+        than a worker's last attempt asks it to try again)."""
+        found: dict[str, dict[str, float]] = {}
+        for model, version, at in self._conn.execute("SELECT model, version, requested_at FROM loaded"):
+            found.setdefault(model, {})[version] = at
+        return found
+
+    def record_version(self, pid: int, model: str, version: str, state: VersionState) -> None:
+        """Worker ``pid``'s state of one version (loading, serving, failed)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO worker_version VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (pid, model, version, state.state, state.reason, state.rss_bytes, time.time()),
+            )
+
+    def forget_version(self, pid: int, model: str, version: str) -> None:
+        """Worker ``pid`` no longer holds the version (it unloaded it)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM worker_version WHERE pid = ? AND model = ? AND version = ?",
+                (pid, model, version),
+            )
+
+    def version_states(self) -> dict[tuple[str, str], dict[int, VersionState]]:
+        """(model, version) -> live worker pid -> its state of that version."""
+        rows = self._conn.execute("SELECT pid, model, version, state, reason, rss_bytes FROM worker_version")
+        found: dict[tuple[str, str], dict[int, VersionState]] = {}
+        alive: dict[int, bool] = {}
+        for pid, model, version, state, reason, rss in rows:
+            if alive.setdefault(pid, process_alive(pid)):
+                found.setdefault((model, version), {})[pid] = VersionState(state, reason, rss)
+        return found
+
+    def serving_everywhere(self) -> set[tuple[str, str]]:
+        """The loaded versions warm in every live ready worker: the ones an alias may name, and
+        a pinned request may reach."""
+        conn = self._conn
+        everywhere = set()
+        for model, versions in self.loaded().items():
+            everywhere |= {(model, v) for v in _serving_everywhere(conn, model, frozenset(versions))}
+        return everywhere
 
     def ready_workers(self, server: int) -> list[int]:
         """The live workers of ``server`` that are ready (a worker killed outright leaves a row
@@ -393,6 +381,31 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def _serving_everywhere(conn: sqlite3.Connection, model: str, loaded: frozenset[str]) -> frozenset[str]:
+    return _readiness(conn, model, loaded)[0]
+
+
+def _readiness(
+    conn: sqlite3.Connection, model: str, loaded: frozenset[str]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """Those of ``loaded`` that every live ready worker serves (all of them, with no live worker:
+    the next start loads them), and those that some live worker failed to load."""
+    live = [pid for (pid,) in conn.execute("SELECT pid FROM worker") if process_alive(pid)]
+    if not live:
+        return loaded, frozenset()
+    serving: dict[str, int] = {}
+    failed = set()
+    marks = ",".join("?" * len(live))
+    query = f"SELECT version, state FROM worker_version WHERE model = ? AND pid IN ({marks})"
+    for version, state in conn.execute(query, (model, *live)):
+        if state == SERVING:
+            serving[version] = serving.get(version, 0) + 1
+        elif state == FAILED:
+            failed.add(version)
+    everywhere = frozenset(v for v in loaded if serving.get(v, 0) == len(live))
+    return everywhere, frozenset(failed & loaded)
 
 
 def _deployment(row: tuple[Any, ...]) -> Deployment:

@@ -1,11 +1,20 @@
 """One worker process's lifecycle: load the models, follow the deployment state, drain at exit.
 
-A worker loads every model in the background when Granian starts it (so ``/healthz``
-answers and ``/readyz`` says 503 meanwhile), builds a batcher and an encoder per loaded
-version, and records itself as ready in the shared state. It polls the state and swaps its
-routes when another process acted, so every worker follows the same aliases. At shutdown
-it lets the queued requests be answered (bounded), stops the predict processes and leaves
-the state.
+A worker loads the versions the state says are loaded (on a model's very first start: its
+``model.toml``'s ``load`` list, else every version), builds a batcher and an encoder per
+version, and records itself as ready in the shared state. Where it starts:
+
+- beside workers of the same server that are serving already (Granian respawned it, or it
+  started late), it loads inside the ASGI lifespan's startup: Granian gives a worker no
+  connection until its startup completes, so the requests go to the workers that can answer
+  them, and none gets a 503 from this one while it loads;
+- otherwise (the server's first start) it loads in the background, so that ``/healthz``
+  answers and ``/readyz`` says 503 while it loads.
+
+It polls the state and swaps its routes when another process acted, and loads or unloads
+versions as ``load`` and ``unload`` ask (``lifecycle.py``), so every worker follows the same
+aliases and serves the same versions. At shutdown it lets the queued requests be answered
+(bounded), stops the predict processes and leaves the state.
 """
 
 from __future__ import annotations
@@ -20,8 +29,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastserve.batcher import Batcher, Turns
-from fastserve.codec import PredictionEncoder
+from fastserve.actions import ACTION_NAMES, Action, Deployment, Load
 from fastserve.config import Settings, resolve_repository
 from fastserve.errors import (
     ConfigError,
@@ -32,10 +40,11 @@ from fastserve.errors import (
     UnknownModel,
     without_path,
 )
+from fastserve.lifecycle import Lifecycle, Serving
 from fastserve.metrics import ALIASES, Metrics
-from fastserve.registry import ModelEntry, Registry
+from fastserve.registry import Registry
 from fastserve.router import Router
-from fastserve.state import ACTION_NAMES, Action, Deployment, DeploymentStore, state_path
+from fastserve.state import FAILED, SERVING, DeploymentStore, VersionState, state_path
 
 logger = logging.getLogger("fastserve")
 
@@ -51,14 +60,18 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models: dict[str, ModelEntry] = {}
-        self.batchers: dict[tuple[str, str], Batcher] = {}
-        self.encoders: dict[tuple[str, str], PredictionEncoder] = {}
-        self.router = Router(self.batchers)
         self.metrics = Metrics() if settings.metrics.metrics else None
+        self.serving = Serving(metrics=self.metrics)
+        # The same dicts as the serving set's: a version loaded or unloaded shows everywhere.
+        self.models = self.serving.models
+        self.batchers = self.serving.batchers
+        self.encoders = self.serving.encoders
+        self.router = Router(self.batchers)
         if self.metrics is not None:
             self.metrics.follow(self.router)
         self.store: DeploymentStore | None = None
+        self.registry: Registry | None = None
+        self.lifecycle: Lifecycle | None = None
         self.phase = "loading"  # loading -> serving | failed -> draining
         self.problem = "models are loading"
         token = settings.deploy.admin_token
@@ -69,21 +82,36 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
-        # Load in the background so /healthz answers and /readyz says 503 while models load.
-        self._loader = asyncio.get_running_loop().create_task(self._load())
+        if await asyncio.to_thread(self._others_serve):
+            await self._load()  # no connection comes to this worker until it is warm
+        else:  # the first start: /healthz answers and /readyz says 503 while models load
+            self._loader = asyncio.get_running_loop().create_task(self._load())
         try:
             yield
         finally:
             await self._stop()
 
+    def _others_serve(self) -> bool:
+        """Whether other workers of this server are serving already (the parent is Granian's)."""
+        try:
+            store = DeploymentStore(state_path(self.settings))
+            try:
+                return bool(store.ready_workers(os.getppid()))
+            finally:
+                store.close()
+        except (ConfigError, sqlite3.Error):
+            return False
+
     async def _load(self) -> None:
         repo = resolve_repository(self.settings.repository)
         registry = Registry(repo, self.settings.repository, self.settings.batching, self.settings.limits)
         try:
-            models = await asyncio.to_thread(registry.load_all)
+            store = DeploymentStore(state_path(self.settings))
+            await asyncio.to_thread(store.seed_loaded, registry.repository.first_loads())
+            wanted = {model: list(versions) for model, versions in store.loaded().items()}
+            models = await asyncio.to_thread(registry.load, wanted)
             if not models:
                 raise ConfigError("the repository holds no model")
-            store = DeploymentStore(state_path(self.settings))
             stables = {name: entry.stable for name, entry in models.items() if entry.stable is not None}
             await asyncio.to_thread(store.seed, stables, f"server pid {os.getpid()}")
         except Exception as exc:
@@ -92,26 +120,21 @@ class Server:
             logger.error("%s", self.problem)
             return
         loop = asyncio.get_running_loop()
-        turns = Turns()
+        self.serving.loop = loop
+        requested = store.loaded()
+        lifecycle = Lifecycle(self.serving, registry, store, self._refresh_routes)
         for entry in models.values():
-            for version, loaded in entry.versions.items():
-                key = (entry.name, version)
-                self.batchers[key] = Batcher(
-                    entry.name,
-                    version,
-                    loaded.predict,
-                    loaded.n_features,
-                    entry.batching,
-                    loop,
-                    self.metrics,
-                    turns,
-                    inputs=loaded.inputs,
-                    outputs=loaded.outputs,
-                    probe=loaded.probe,
+            self.models.setdefault(entry.name, entry)
+            for loaded in list(entry.versions.values()):
+                self.serving.add(entry, loaded)
+                await self._record(
+                    store, entry.name, loaded.version, VersionState(SERVING, None, loaded.rss_bytes)
                 )
-                self.encoders[key] = PredictionEncoder(entry.name, version, loaded.classes)
-        self.models = models
-        self.store = store
+            for version, reason in entry.failed.items():
+                await self._record(store, entry.name, version, VersionState(FAILED, reason, None))
+            for version in (*entry.versions, *entry.failed):
+                lifecycle.attempts[entry.name, version] = requested.get(entry.name, {}).get(version, 0.0)
+        self.store, self.registry, self.lifecycle = store, registry, lifecycle
         self._refresh_routes()
         self._poller = loop.call_later(_STATE_POLL_S, self._poll)
         if self.metrics is not None:
@@ -126,21 +149,36 @@ class Server:
             await asyncio.to_thread(store.worker_ready, os.getpid(), os.getppid())
         except (ConfigError, sqlite3.Error):
             logger.exception("could not record this worker as ready; /readyz will say 503")
+        self._refresh_routes()
+        lifecycle.reconcile()  # an action taken while this worker loaded
         broken = self.router.unservable()
         if broken:
             logger.error("not ready: no servable stable version for: %s", ", ".join(broken))
+
+    @staticmethod
+    async def _record(store: DeploymentStore, model: str, version: str, state: VersionState) -> None:
+        try:
+            await asyncio.to_thread(store.record_version, os.getpid(), model, version, state)
+        except (ConfigError, sqlite3.Error):
+            logger.exception("could not record %s %s as %s", model, version, state.state)
 
     def _refresh_routes(self) -> None:
         assert self.store is not None
         # Note the data version before reading: a commit in between is seen by the next poll.
         self.store.changed()
-        self.router.update(self.store.deployments(), self.models)
+        self._update_routes()
+
+    def _update_routes(self) -> None:
+        assert self.store is not None and self.lifecycle is not None
+        routable = self.store.serving_everywhere()
+        self.router.update(self.store.deployments(), self.models, routable, self.lifecycle.loading())
 
     def _poll(self) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.lifecycle is not None
         try:
             if self.store.changed():
-                self.router.update(self.store.deployments(), self.models)
+                self._update_routes()
+                self.lifecycle.reconcile()
             self._poll_failing = False
         except Exception:  # a locked or vanished file must not stop the polling
             if not self._poll_failing:  # once per outage, not 20 times a second
@@ -154,6 +192,8 @@ class Server:
             self._loader.cancel()
         if self._poller is not None:
             self._poller.cancel()
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
         await asyncio.gather(*(b.drain_and_stop(_DRAIN_TIMEOUT_S) for b in self.batchers.values()))
         for entry in self.models.values():
             for loaded in entry.versions.values():
@@ -180,6 +220,10 @@ class Server:
                 raise NotReady(f"{ready} of {expected} workers have loaded their models")
             return
         raise (Draining if self.phase == "draining" else NotReady)(self.problem)
+
+    def version_states(self) -> dict[tuple[str, str], dict[int, VersionState]]:
+        """Each version's state in every live worker, from the shared state (for /status)."""
+        return self.store.version_states() if self.store is not None else {}
 
     def check_serving(self) -> None:
         """Whether predictions are taken at all; a broken model does not stop the healthy ones."""
@@ -213,11 +257,19 @@ class Server:
     async def act(self, model: str, action: Action, actor: str) -> Deployment:
         """Apply a deployment action for every worker; this one follows it at once."""
         self.check_serving()
-        if model not in self.models:
+        assert self.store is not None and self.registry is not None and self.lifecycle is not None
+        on_disk = None
+        if isinstance(action, Load):  # a load may bring a whole new model
+            discovered = await asyncio.to_thread(self.registry.repository.discover)
+            if model not in discovered:
+                raise UnknownModel(f"no model named {model!r} in the repository")
+            on_disk = discovered[model][0]
+        elif model not in self.models:
             raise UnknownModel(f"no model named {model!r}")
-        assert self.store is not None
-        servable = {version: loaded.n_features for version, loaded in self.models[model].versions.items()}
-        deployment = await asyncio.to_thread(self.store.act, model, action, servable, actor)
+        entry = self.models.get(model)
+        servable = {v: loaded.n_features for v, loaded in entry.versions.items()} if entry else {}
+        deployment = await asyncio.to_thread(self.store.act, model, action, servable, actor, on_disk)
         self._refresh_routes()
+        self.lifecycle.reconcile()
         logger.info("deploy %s by %s: %s", model, actor, deployment.as_dict())
         return deployment
