@@ -26,6 +26,7 @@ import os
 import sqlite3
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastserve.batcher import Batcher, Turns
@@ -97,6 +98,9 @@ class Lifecycle:
         self.states: dict[tuple[str, str], str] = {}  # this worker's: loading, unloading
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        # Loads run one at a time on a thread of their own, so that a long load never holds up
+        # the default executor's threads (the state's reads and writes).
+        self._loader = ThreadPoolExecutor(1, "fastserve-load")
 
     def loading(self) -> set[tuple[str, str]]:
         """The versions the state wants loaded that this worker does not serve yet, and did not
@@ -132,6 +136,7 @@ class Lifecycle:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     async def _apply(self, to_unload: list[tuple[str, str]], to_load: list[tuple[str, str, float]]) -> None:
         for model, version in to_unload:
@@ -150,7 +155,9 @@ class Lifecycle:
         try:
             known = self.serving.models.get(model)
             entry = known if known is not None else await asyncio.to_thread(self.registry.entry, model)
-            loaded = await asyncio.to_thread(self.registry.load_version, entry, version)
+            loaded = await asyncio.get_running_loop().run_in_executor(
+                self._loader, self.registry.load_version, entry, version
+            )
         except Exception as exc:  # the version is not served; nothing else is touched
             reason = self.registry.repository.describe(exc)
             logger.error("%s %s not loaded: %s", model, version, reason)
