@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -452,3 +454,109 @@ def test_a_models_first_start_loads_its_model_toml_load_list(serve: Any, tmp_pat
         404,
         "unknown_version",
     )
+
+
+# -- faults of the shared state, under load --------------------------------------------------------
+
+
+def test_a_state_file_locked_by_another_process_fails_actions_with_503_and_nothing_else(
+    demo_repo: Path, tmp_path: Path
+) -> None:
+    repo = digits_repo(demo_repo, tmp_path / "repo")
+    state = tmp_path / "deployments.sqlite"
+    env = server_env(repository=repo, admin_token=TOKEN, state_path=state)
+    port = free_port()
+    with running(serve_command(repo, port, "--workers", "2"), env, port, tmp_path) as server:
+        with Load(server.port).running() as load:
+            time.sleep(0.5)
+            holder = sqlite3.connect(state, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # another process takes the write lock, for 5 s
+            locked_at = time.monotonic()
+            refused = deploy(server, "digits", action="candidate", version="v2")
+            waited = time.monotonic() - locked_at
+            time.sleep(max(0.0, 5.0 - (time.monotonic() - locked_at)))
+            holder.execute("ROLLBACK")
+            holder.close()
+            accepted = deploy(server, "digits", action="candidate", version="v2", canary=1.0)
+            time.sleep(0.5)
+        assert_error(refused, 503, "state_unavailable")
+        assert "locked" in refused.json()["error"]["message"]
+        assert waited < 4.0, waited  # refused after the wait, not held for the whole lock
+        assert accepted.status_code == 200, accepted.text
+        statuses = Counter(a.status for a in load.answers)
+        assert statuses == {200: len(load.answers)}, statuses
+        during = [a for a in load.answers if locked_at <= a.sent < locked_at + 5.0]
+        assert len(during) > 50, len(during)  # serving went on while the state was locked
+        assert {a.version for a in load.answers if a.sent > load.answers[-1].sent - 0.2} == {"v2"}
+
+
+def test_a_deleted_state_file_is_restored_by_the_workers_and_actions_work_again(
+    demo_repo: Path, tmp_path: Path
+) -> None:
+    repo = digits_repo(demo_repo, tmp_path / "repo")
+    state = tmp_path / "deployments.sqlite"
+    env = server_env(repository=repo, admin_token=TOKEN, state_path=state)
+    port = free_port()
+    with running(serve_command(repo, port, "--workers", "2"), env, port, tmp_path) as server:
+        assert deploy(server, "digits", action="candidate", version="v2", canary=0.5).status_code == 200
+        with Load(server.port).running() as load:
+            time.sleep(0.5)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{state}{suffix}").unlink(missing_ok=True)
+            wait_until(state.exists, "the state file to be made again", timeout_s=10)
+            wait_until(lambda: httpx.get(server.url + "/readyz").status_code == 200, "both workers ready")
+            promoted = deploy(server, "digits", action="promote")
+            time.sleep(0.5)
+        assert promoted.status_code == 200, promoted.text
+        assert Counter(a.status for a in load.answers) == {200: len(load.answers)}
+        log = status_of(server)["deploy_log"]
+        assert [e["action"] for e in log if e["model"] == "digits"] == ["promote", "restore"]
+        for status in status_of_every_worker(server, 2).values():
+            assert status["models"]["digits"]["aliases"] == {"stable": "v2", "candidate": None}
+            assert status["state_problem"] is None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs for the state file, to fill (needs the right to mount: root, here and in CI)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_state_writes_failing_on_a_full_disk_fail_actions_with_503_until_space_returns(
+    demo_repo: Path, tmp_path: Path, small_disk: Path
+) -> None:
+    repo = digits_repo(demo_repo, tmp_path / "repo")
+    state = small_disk / "deployments.sqlite"
+    env = server_env(repository=repo, admin_token=TOKEN, state_path=state)
+    port = free_port()
+    with running(serve_command(repo, port, "--workers", "2"), env, port, tmp_path) as server:
+        filler = small_disk / "filler"
+        with Load(server.port).running() as load:
+            with contextlib.suppress(OSError), filler.open("wb") as sink:
+                while True:  # until the disk is full
+                    sink.write(b"\0" * 65536)
+                    sink.flush()
+            refused = [
+                deploy(server, "digits", action="candidate", version="v2", canary=c) for c in (0.1, 0.2, 0.3)
+            ]
+            filler.unlink()
+            accepted = deploy(server, "digits", action="candidate", version="v2", canary=1.0)
+            time.sleep(0.5)
+        assert any(r.status_code == 503 for r in refused), [r.text for r in refused]
+        for response in refused:
+            if response.status_code != 200:
+                assert_error(response, 503, "state_unavailable")
+                assert "full" in response.json()["error"]["message"]
+        assert accepted.status_code == 200, accepted.text
+        assert Counter(a.status for a in load.answers) == {200: len(load.answers)}
+        assert {a.version for a in load.answers if a.sent > load.answers[-1].sent - 0.2} == {"v2"}

@@ -34,6 +34,7 @@ from fastserve.errors import (
     ConfigError,
     DeployConflict,
     MalformedBody,
+    StateUnavailable,
     UnknownModel,
     UnknownVersion,
     VersionNotReady,
@@ -347,7 +348,7 @@ def test_the_row_and_its_audit_entry_are_written_together(
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(state_module, "_audit", broken_audit)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(StateUnavailable, match="cannot be written: disk I/O error"):
         store.act("m", Candidate("v2"), SERVABLE, "alice")
     assert store.deployments() == before  # the UPDATE before the audit insert was rolled back
     assert store.history() == history
@@ -663,3 +664,49 @@ def test_readiness_counts_only_live_workers(loaded_store: DeploymentStore) -> No
     assert states[("m", "v3")][os.getpid()] == VersionState(SERVING, None, 2000)
     store.forget_version(os.getpid(), "m", "v3")
     assert ("m", "v3") not in store.version_states()
+
+
+# -- faults: a lock held too long, a deleted file ------------------------------------------------
+
+
+def test_an_action_behind_a_lock_held_too_long_is_state_unavailable_and_changes_nothing(
+    store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "_BUSY_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing, and not letting go
+    try:
+        with pytest.raises(StateUnavailable, match="database is locked"):
+            store.act("m", Candidate("v2"), SERVABLE, "alice")
+        assert store.deployments()["m"].candidate is None  # reads go on under the lock (WAL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.act("m", Candidate("v2"), SERVABLE, "alice").candidate == "v2"
+
+
+def test_a_deleted_state_file_is_noticed_refused_and_restored_from_what_was_read(
+    store: DeploymentStore, stores: list[DeploymentStore]
+) -> None:
+    store.seed_loaded({"m": ["v1", "v2"]})
+    store.act("m", Candidate("v2", canary=0.5), SERVABLE, "alice")
+    assert store.deployments()["m"].candidate == "v2"  # a worker's reader has the file open
+    assert not store.replaced()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+    assert store.replaced()
+    # An action does not make a new, empty state in its place: it would know no model.
+    with pytest.raises(StateUnavailable, match="cannot be opened"):
+        store.act("m", Promote(), SERVABLE, "alice")
+    assert not store.path.exists()
+    # The reader still has the deleted file open: the last truth, which restores it.
+    deployments, loaded = store.deployments(), store.loaded()
+    store.close()
+    assert store.restore(deployments, loaded, "server pid 1") == ["m"]
+    assert store.restore(deployments, loaded, "server pid 2") == []  # the other worker's: no-op
+    assert not store.replaced()
+    again = open_store(stores, store.path)
+    assert again.deployments()["m"].candidate == "v2" and again.deployments()["m"].canary == 0.5
+    assert sorted(again.loaded()["m"]) == ["v1", "v2"]
+    assert [(e.action, e.actor) for e in again.history()] == [("restore", "server pid 1")]
+    assert again.act("m", Promote(), SERVABLE, "alice").stable == "v2"

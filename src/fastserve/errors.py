@@ -68,6 +68,13 @@ class VersionNotReady(FastServeError):
     status, code = 409, "version_not_ready"
 
 
+class StateUnavailable(FastServeError):
+    """The deployment state cannot be read or written (locked past the wait, gone, disk full):
+    serving goes on with the current routes; the action may be tried again."""
+
+    status, code = 503, "state_unavailable"
+
+
 class BodyTimeout(FastServeError):
     status, code = 408, "body_timeout"
 

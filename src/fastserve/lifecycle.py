@@ -23,7 +23,6 @@ import ctypes.util
 import gc
 import logging
 import os
-import sqlite3
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +30,9 @@ from dataclasses import dataclass, field
 
 from fastserve.batcher import Batcher, Turns
 from fastserve.codec import PredictionEncoder
-from fastserve.errors import ConfigError
 from fastserve.metrics import Metrics
 from fastserve.registry import LoadedVersion, ModelEntry, Registry, resident_bytes
-from fastserve.state import FAILED, LOADING, SERVING, DeploymentStore, VersionState
+from fastserve.state import FAILED, LOADING, SERVING, STATE_ERRORS, DeploymentStore, VersionState
 
 logger = logging.getLogger("fastserve.lifecycle")
 
@@ -96,6 +94,7 @@ class Lifecycle:
         self._routes_changed = routes_changed
         self.attempts: dict[tuple[str, str], float] = {}  # request time of the last load tried
         self.states: dict[tuple[str, str], str] = {}  # this worker's: loading, unloading
+        self.unrecorded: dict[tuple[str, str], VersionState | None] = {}  # to write again
         self._task: asyncio.Task[None] | None = None
         self._again = False
         # Loads run one at a time on a thread of their own, so that a long load never holds up
@@ -151,7 +150,7 @@ class Lifecycle:
         key = (model, version)
         self.attempts[key] = at
         self.states[key] = LOADING
-        await self._record(model, version, VersionState(LOADING, None, None))
+        await self.record(model, version, VersionState(LOADING, None, None))
         try:
             known = self.serving.models.get(model)
             entry = known if known is not None else await asyncio.to_thread(self.registry.entry, model)
@@ -164,7 +163,7 @@ class Lifecycle:
             if model in self.serving.models:
                 self.serving.models[model].failed[version] = reason
             self.states.pop(key, None)
-            await self._record(model, version, VersionState(FAILED, reason, None))
+            await self.record(model, version, VersionState(FAILED, reason, None))
             return
         entry.failed.pop(version, None)
         self.serving.add(entry, loaded)
@@ -173,7 +172,7 @@ class Lifecycle:
         gc.collect()
         gc.freeze()
         logger.info("%s %s loaded: %.1f MB", model, version, (loaded.rss_bytes or 0) / 1e6)
-        await self._record(model, version, VersionState(SERVING, None, loaded.rss_bytes))
+        await self.record(model, version, VersionState(SERVING, None, loaded.rss_bytes))
         self._routes_changed()
 
     async def _unload(self, model: str, version: str) -> None:
@@ -199,15 +198,43 @@ class Lifecycle:
             gc.freeze()
         _return_freed_memory()
         self.states.pop((model, version), None)
-        with contextlib.suppress(ConfigError, sqlite3.Error):
-            await asyncio.to_thread(self.store.forget_version, os.getpid(), model, version)
+        await self.record(model, version, None)
         logger.info("%s %s unloaded; resident memory now %.1f MB", model, version, resident_bytes() / 1e6)
 
-    async def _record(self, model: str, version: str, state: VersionState) -> None:
+    async def record(self, model: str, version: str, state: VersionState | None) -> None:
+        """Tell the other workers this worker's state of a version (None: it holds it no more).
+        A write that fails (the state locked, full, gone) is kept and tried again by ``retry``:
+        until it lands, the others do not count this worker as serving the version, and a
+        stale record of an unloaded one is not left to count for a later load."""
+        key = (model, version)
+        self.unrecorded[key] = state
         try:
-            await asyncio.to_thread(self.store.record_version, os.getpid(), model, version, state)
-        except (ConfigError, sqlite3.Error):
-            logger.exception("could not record %s %s as %s", model, version, state.state)
+            if state is None:
+                await asyncio.to_thread(self.store.forget_version, os.getpid(), model, version)
+            else:
+                await asyncio.to_thread(self.store.record_version, os.getpid(), model, version, state)
+        except STATE_ERRORS as exc:
+            what = state.state if state is not None else "unloaded"
+            logger.error("could not record %s %s as %s, will retry: %s", model, version, what, exc)
+            return
+        if key in self.unrecorded and self.unrecorded[key] is state:
+            del self.unrecorded[key]
+
+    async def retry(self) -> None:
+        """Write the records that failed, again."""
+        for (model, version), state in list(self.unrecorded.items()):
+            await self.record(model, version, state)
+
+    def records(self) -> dict[tuple[str, str], VersionState]:
+        """This worker's state of every version it holds or failed to load (after the state file
+        was made again, they are all written anew)."""
+        found = {}
+        for name, entry in self.serving.models.items():
+            for version, loaded in entry.versions.items():
+                found[(name, version)] = VersionState(SERVING, None, loaded.rss_bytes)
+            for version, reason in entry.failed.items():
+                found[(name, version)] = VersionState(FAILED, reason, None)
+        return found
 
 
 def _weak(obj: object) -> weakref.ref[object] | None:

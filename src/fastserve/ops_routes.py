@@ -175,6 +175,8 @@ def _status(server: Server) -> dict[str, Any]:
         "ready": server.phase == "serving" and not server.router.unservable(),  # this worker
         "ready_workers": len(server.store.ready_workers(os.getppid())) if server.store is not None else 0,
         "problem": server.problem or None,
+        # Why the deployment state cannot be read or written now; serving goes on meanwhile.
+        "state_problem": server.state_problem,
         "pid": os.getpid(),
         "queue_implementation": "compiled" if COMPILED else "python",
         # Objects the garbage collector no longer walks (see worker.Server._load).

@@ -29,7 +29,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from fastserve.actions import (
     transition,
 )
 from fastserve.config import Settings, resolve_repository
-from fastserve.errors import ConfigError, UnknownModel, without_path
+from fastserve.errors import ConfigError, StateUnavailable, UnknownModel, without_path
 
 # Version states a worker records (worker_version.state).
 LOADING, SERVING, FAILED = "loading", "serving", "failed"
@@ -111,8 +111,11 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 _COLUMNS = "model, stable, candidate, canary, shadow, previous_stable, updated_at"
-# A writer holding the lock (another worker's action) is waited for, up to this long.
-_BUSY_TIMEOUT_S = 5.0
+# A writer holding the lock (another worker's action) is waited for, up to this long. Workers'
+# writes take milliseconds; a lock held longer is a fault, and the action answers 503.
+_BUSY_TIMEOUT_S = 2.0
+# What a failed read or write of the state can raise.
+STATE_ERRORS = (ConfigError, StateUnavailable, sqlite3.Error, OSError)
 
 
 def state_path(settings: Settings) -> Path:
@@ -141,46 +144,99 @@ class DeploymentStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._reader: sqlite3.Connection | None = None
+        self._reader_file: tuple[int, int] | None = None  # (device, inode) the reader has open
         self._data_version = -1
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, create: bool = True) -> sqlite3.Connection:
+        """A connection to the state file; ``create=False`` refuses to make a new, empty one
+        (an action on a file deleted under the server would start a state with no models)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            else:
+                uri = f"{self.path.absolute().as_uri()}?mode=rw"
+                conn = sqlite3.connect(uri, timeout=_BUSY_TIMEOUT_S, isolation_level=None, uri=True)
             _switch_to_wal(conn)
             conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            # This reaches /status and /readyz.
             reason = without_path(exc)
+            if not create:
+                raise StateUnavailable(f"the deployment state cannot be opened: {reason}") from None
+            # This reaches /status and /readyz.
             raise ConfigError(f"FASTSERVE_STATE_PATH: cannot open the deployment state: {reason}") from None
         return conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with closing(self._connect()) as conn:
+    def _transaction(self, create: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a lock held past the wait, a full disk or a vanished file
+        raise ``StateUnavailable`` (the rules' own errors pass through)."""
+        conn = self._connect(create)
+        try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # a failed commit has rolled back already
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"the deployment state cannot be written: {without_path(exc)}") from None
+        finally:
+            conn.close()
 
     @property
     def _conn(self) -> sqlite3.Connection:
         if self._reader is None:
             self._reader = self._connect()
+            self._reader_file = _file_id(self.path)
         return self._reader
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+            self._data_version = -1
+
+    def replaced(self) -> bool:
+        """Whether the file the reader has open is no longer the one at the path: deleted, or
+        deleted and made again (a stat, no read)."""
+        if self._reader is None:
+            return False
+        return _file_id(self.path) != self._reader_file
+
+    def restore(
+        self,
+        deployments: Mapping[str, Deployment],
+        loaded: Mapping[str, Iterable[str]],
+        actor: str,
+    ) -> list[str]:
+        """Make the state file again from what a worker serves (after it was deleted): each model's
+        deployment and loaded versions, where no other worker restored them first. The models
+        this call restored, each audited as a ``restore``."""
+        restored = []
+        with self._transaction(create=True) as conn:
+            for model, deployment in deployments.items():
+                d = deployment
+                inserted = conn.execute(
+                    f"INSERT OR IGNORE INTO deployment ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (model, d.stable, d.candidate, d.canary, int(d.shadow), d.previous_stable, d.updated_at),
+                ).rowcount
+                if not inserted:
+                    continue
+                restored.append(model)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO loaded (model, version, requested_at) VALUES (?, ?, 0)",
+                    [(model, version) for version in loaded.get(model, ())],
+                )
+                _audit(conn, AuditEntry(time.time(), model, "restore", None, d.stable, actor, {}))
+        return restored
 
     def seed(self, stables: Mapping[str, str], actor: str) -> None:
         """Give each model that has no row yet one with this stable version (and audit it)."""
         now = time.time()
-        with self._transaction() as conn:
+        with self._transaction(create=True) as conn:
             for model, stable in stables.items():
                 inserted = conn.execute(
                     "INSERT OR IGNORE INTO deployment (model, stable, updated_at) VALUES (?, ?, ?)",
@@ -192,7 +248,7 @@ class DeploymentStore:
     def seed_loaded(self, versions: Mapping[str, Iterable[str]]) -> None:
         """Give each model that has no loaded versions yet these (its first start)."""
         now = time.time()
-        with self._transaction() as conn:
+        with self._transaction(create=True) as conn:
             for model, names in versions.items():
                 if conn.execute("SELECT 1 FROM loaded WHERE model = ? LIMIT 1", (model,)).fetchone():
                     continue
@@ -288,7 +344,7 @@ class DeploymentStore:
 
     def worker_ready(self, pid: int, server: int) -> None:
         """Worker ``pid`` of the server whose main process is ``server`` has loaded its models."""
-        with self._transaction() as conn:
+        with self._transaction(create=True) as conn:
             conn.execute("INSERT OR REPLACE INTO worker VALUES (?, ?, ?)", (pid, server, time.time()))
 
     def worker_gone(self, pid: int) -> None:
@@ -352,6 +408,14 @@ class DeploymentStore:
             return False
         self._data_version = version
         return True
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def process_alive(pid: int) -> bool:

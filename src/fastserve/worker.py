@@ -25,7 +25,6 @@ import gc
 import hmac
 import logging
 import os
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +35,7 @@ from fastserve.errors import (
     DeployDisabled,
     Draining,
     NotReady,
+    StateUnavailable,
     Unauthorized,
     UnknownModel,
     without_path,
@@ -44,7 +44,7 @@ from fastserve.lifecycle import Lifecycle, Serving
 from fastserve.metrics import ALIASES, Metrics
 from fastserve.registry import Registry
 from fastserve.router import Router
-from fastserve.state import FAILED, SERVING, DeploymentStore, VersionState, state_path
+from fastserve.state import STATE_ERRORS, DeploymentStore, VersionState, state_path
 
 logger = logging.getLogger("fastserve")
 
@@ -78,7 +78,9 @@ class Server:
         self._admin_token = token.encode() if token else None
         self._loader: asyncio.Task[None] | None = None
         self._poller: asyncio.TimerHandle | None = None
-        self._poll_failing = False
+        self._mending: asyncio.Task[None] | None = None
+        self._ready_recorded = True  # until a write of it fails
+        self.state_problem: str | None = None  # why the deployment state is unreachable, for /status
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
@@ -99,7 +101,7 @@ class Server:
                 return bool(store.ready_workers(os.getppid()))
             finally:
                 store.close()
-        except (ConfigError, sqlite3.Error):
+        except STATE_ERRORS:
             return False
 
     async def _load(self) -> None:
@@ -127,13 +129,10 @@ class Server:
             self.models.setdefault(entry.name, entry)
             for loaded in list(entry.versions.values()):
                 self.serving.add(entry, loaded)
-                await self._record(
-                    store, entry.name, loaded.version, VersionState(SERVING, None, loaded.rss_bytes)
-                )
-            for version, reason in entry.failed.items():
-                await self._record(store, entry.name, version, VersionState(FAILED, reason, None))
             for version in (*entry.versions, *entry.failed):
                 lifecycle.attempts[entry.name, version] = requested.get(entry.name, {}).get(version, 0.0)
+        for (model, version), state in lifecycle.records().items():
+            await lifecycle.record(model, version, state)
         self.store, self.registry, self.lifecycle = store, registry, lifecycle
         self._refresh_routes()
         self._poller = loop.call_later(_STATE_POLL_S, self._poll)
@@ -145,22 +144,55 @@ class Server:
         gc.collect()
         gc.freeze()
         self.phase, self.problem = "serving", ""
-        try:  # workers of one server share the main process (Granian's) as their parent
-            await asyncio.to_thread(store.worker_ready, os.getpid(), os.getppid())
-        except (ConfigError, sqlite3.Error):
-            logger.exception("could not record this worker as ready; /readyz will say 503")
+        await self._record_ready()
         self._refresh_routes()
         lifecycle.reconcile()  # an action taken while this worker loaded
         broken = self.router.unservable()
         if broken:
             logger.error("not ready: no servable stable version for: %s", ", ".join(broken))
 
-    @staticmethod
-    async def _record(store: DeploymentStore, model: str, version: str, state: VersionState) -> None:
+    async def _record_ready(self) -> None:
+        assert self.store is not None
+        try:  # workers of one server share the main process (Granian's) as their parent
+            await asyncio.to_thread(self.store.worker_ready, os.getpid(), os.getppid())
+            self._ready_recorded = True
+        except STATE_ERRORS as exc:
+            self._ready_recorded = False  # tried again at each poll; /readyz says 503 meanwhile
+            self._state_trouble(f"could not record this worker as ready: {exc}")
+
+    def _state_trouble(self, problem: str | None) -> None:
+        """What is wrong with the deployment state, once per outage in the log (None: nothing)."""
+        if problem is not None and self.state_problem is None:
+            logger.error("deployment state: %s; serving goes on with the current routes", problem)
+        elif problem is None and self.state_problem is not None:
+            logger.info("deployment state: reachable again")
+        self.state_problem = problem
+
+    async def _mend(self) -> None:
+        """After a fault of the state: make the file again if it was deleted, and write what
+        this worker could not (its readiness, its versions' records)."""
+        assert self.store is not None and self.lifecycle is not None
         try:
-            await asyncio.to_thread(store.record_version, os.getpid(), model, version, state)
-        except (ConfigError, sqlite3.Error):
-            logger.exception("could not record %s %s as %s", model, version, state.state)
+            if self.store.replaced():
+                # The reader still has the deleted file open: what it reads is the last truth.
+                deployments, loaded = self.store.deployments(), self.store.loaded()
+                self.store.close()
+                restored = await asyncio.to_thread(
+                    self.store.restore, deployments, loaded, f"server pid {os.getpid()}"
+                )
+                if restored:
+                    logger.warning("deployment state file was gone; restored %s", ", ".join(restored))
+                for (model, version), state in self.lifecycle.records().items():
+                    self.lifecycle.unrecorded.setdefault((model, version), state)
+                self._ready_recorded = False
+                self._refresh_routes()
+            if not self._ready_recorded and self.phase == "serving":
+                await self._record_ready()
+            await self.lifecycle.retry()
+        except STATE_ERRORS as exc:
+            self._state_trouble(str(exc))
+        finally:
+            self._mending = None
 
     def _refresh_routes(self) -> None:
         assert self.store is not None
@@ -176,14 +208,16 @@ class Server:
     def _poll(self) -> None:
         assert self.store is not None and self.lifecycle is not None
         try:
-            if self.store.changed():
+            faulty = self.store.replaced() or self.lifecycle.unrecorded or not self._ready_recorded
+            if faulty and self._mending is None:
+                self._mending = asyncio.get_running_loop().create_task(self._mend())
+            elif self.store.changed():
                 self._update_routes()
                 self.lifecycle.reconcile()
-            self._poll_failing = False
-        except Exception:  # a locked or vanished file must not stop the polling
-            if not self._poll_failing:  # once per outage, not 20 times a second
-                logger.exception("reading the deployment state failed; keeping the current routes")
-            self._poll_failing = True
+            if not faulty:
+                self._state_trouble(None)
+        except Exception as exc:  # a locked or vanished file must not stop the polling
+            self._state_trouble(f"reading it failed: {exc}")
         self._poller = asyncio.get_running_loop().call_later(_STATE_POLL_S, self._poll)
 
     async def _stop(self) -> None:
@@ -201,7 +235,7 @@ class Server:
         if self.metrics is not None:
             self.metrics.stop()
         if self.store is not None:
-            with contextlib.suppress(ConfigError, OSError, sqlite3.Error):
+            with contextlib.suppress(*STATE_ERRORS):
                 self.store.worker_gone(os.getpid())
             self.store.close()
 
@@ -268,7 +302,11 @@ class Server:
             raise UnknownModel(f"no model named {model!r}")
         entry = self.models.get(model)
         servable = {v: loaded.n_features for v, loaded in entry.versions.items()} if entry else {}
-        deployment = await asyncio.to_thread(self.store.act, model, action, servable, actor, on_disk)
+        try:
+            deployment = await asyncio.to_thread(self.store.act, model, action, servable, actor, on_disk)
+        except StateUnavailable as exc:
+            self._state_trouble(str(exc))
+            raise
         self._refresh_routes()
         self.lifecycle.reconcile()
         logger.info("deploy %s by %s: %s", model, actor, deployment.as_dict())
