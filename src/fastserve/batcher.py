@@ -46,6 +46,7 @@ from fastserve.errors import (
     QueueFull,
     QueueTimeout,
     UnknownOutput,
+    UnknownVersion,
 )
 from fastserve.inputs import Inputs, Side
 from fastserve.outputs import PREDICT_ONLY, Outputs
@@ -176,6 +177,9 @@ class Batcher:
         self._window_ends = 0.0
         self._last_commit_s = 0.0
         self._busy = False  # a batch is in predict
+        # Set once the version is being unloaded: it left the routes, and a request that was
+        # routed to it before (its body still arriving) must not join a queue nobody drains.
+        self.stopping = False
         self._turns = turns
         # Smoothed CPU time over wall time of this version's predicts (1: pure compute);
         # assumed to compute until its first predict says otherwise.
@@ -200,6 +204,8 @@ class Batcher:
         wrong and ``UnknownOutput`` for an output the version lacks; such a request never
         reaches a batch.
         """
+        if self.stopping:
+            raise UnknownVersion(f"model {self.model!r} version {self.version!r} was unloaded")
         future = self._enqueue(request)
         if future is None:
             raise self.shed()
@@ -209,7 +215,7 @@ class Batcher:
         """Queue a shadow copy if there is room, else ``None``: a copy is the first thing dropped,
         and dropping it is not a refusal anybody sees. Copies take at most half the queue, so
         they never crowd out the candidate's own (canary) requests."""
-        if self.queue.queued_rows + request.n_rows > self.queue.max_queue_depth // 2:
+        if self.stopping or self.queue.queued_rows + request.n_rows > self.queue.max_queue_depth // 2:
             return None
         try:
             return self._enqueue(request)
@@ -509,6 +515,7 @@ class Batcher:
 
     async def drain_and_stop(self, timeout_s: float) -> None:
         """Let queued and running batches finish (bounded), then stop the predict thread."""
+        self.stopping = True
         if self._busy or self.queue.queued_rows:
             self._idle = self._loop.create_future()
             try:

@@ -70,6 +70,9 @@ class PredictEndpoint:
             else:
                 batcher, mirror = server.router.pinned(params["model"], version), None
             chosen = batcher.version
+            # Taken now, with the route: a version unloaded while this request waits keeps
+            # answering what it had queued, but leaves the encoders at once.
+            encoder = server.encoders[batcher.model, chosen]
             if batcher.full:
                 # Under overload most requests end here: no exception, no generic error path.
                 await _send_refusal(send, batcher.shed(), out_format, request_id)
@@ -88,7 +91,7 @@ class PredictEndpoint:
             if mirror is not None:
                 server.router.shadow.mirror(mirror, request, answer, request_id)
             predictions = await answer
-            payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
+            payload = encoder.encode(predictions, out_format)
         except FastServeError as error:
             await _send_error(send, error, out_format, request_id)
             self._refused(params["model"], chosen, error.status)
