@@ -1,7 +1,8 @@
 """End to end, as a hostile or unlucky client would: redirects, keep-alive after early answers,
 overload, clients that leave, a predict that hangs. Each test runs a real Granian process.
 
-The tests hold behaviour, never speed.
+The tests hold behaviour, never speed: where one compares times, it compares two events of the
+same run (a 504 against the hung predict's own answer), not a clock against a figure.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -110,7 +112,8 @@ def _early_requests(n: int, seed: int) -> list[tuple[str, str, dict[str, str], i
     requests = []
     for i in range(n):
         if i % 10 == 9:  # past max_body_bytes (1 MiB), within what is drained (4 MiB)
-            requests.append(("POST", "/predict/echo", JSON, rng.randint(1024 * 1024 + 1, 3 * 1024 * 1024), 413))
+            size = rng.randint(1024 * 1024 + 1, 3 * 1024 * 1024)
+            requests.append(("POST", "/predict/echo", JSON, size, 413))
             continue
         method, path, headers, status = rng.choice(kinds)
         size = int(round(1024 * (1024 ** rng.random())))  # 1 KB .. 1 MB, log-uniform
@@ -206,3 +209,101 @@ def test_under_overload_every_keep_alive_request_gets_200_or_429(serve: Any, tmp
     assert set(tally) <= {"200", "429"}, tally
     assert tally["200"] + tally["429"] == 64 * 20
     assert tally["429"] > 0 and tally["200"] > 0, tally
+
+
+# -- clients that leave --------------------------------------------------------------------------
+
+
+def _send_predict(port: int, body: bytes, model: str = "echo") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = f"POST /predict/{model} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n".encode()
+    sock.sendall(head + b"content-length: %d\r\n\r\n" % len(body) + body)
+    return sock
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, dict[str, Any]]:
+    reader = sock.makefile("rb")
+    status = int(reader.readline().split()[1])
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, msgspec.json.decode(reader.read(length))
+
+
+def _shed(server: RunningServer, model: str, reason: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    match = re.search(rf'fastserve_shed_total{{model="{model}",reason="{reason}"}} (\S+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_requests_whose_clients_left_while_queued_are_never_predicted(serve: Any, tmp_path: Path) -> None:
+    server = serve(
+        _hold_repo(tmp_path, "echo"),
+        trusted_repository=1,
+        max_queue_depth=256,
+        max_batch_rows=256,
+        queue_timeout_ms=60_000,
+    )
+    before = _version(server, "echo")["rows"]
+    # One request holds the model for 3 s; 200 queue behind it; 150 of their clients leave.
+    blocker = _send_predict(server.port, _row(0, 3.0))
+    _wait_for(lambda: _version(server, "echo")["predict_running_seconds"] is not None, "the blocker")
+    queued = [_send_predict(server.port, _row(i + 1)) for i in range(200)]
+    _wait_for(lambda: _version(server, "echo")["queue_depth_rows"] == 200, "200 queued rows")
+    staying = {i: sock for i, sock in enumerate(queued) if i % 4 == 0}
+    for i, sock in enumerate(queued):
+        if i not in staying:
+            sock.close()
+    _wait_for(lambda: _version(server, "echo")["predict_running_seconds"] is None, "the blocker's end")
+    assert _read_answer(blocker) == (200, {"model": "echo", "version": "v1", "predictions": [0]})
+    for i, sock in staying.items():
+        assert _read_answer(sock)[1]["predictions"] == [i + 1]
+        sock.close()
+    blocker.close()
+    version = _version(server, "echo")
+    assert version["rows"] - before == 1 + 50  # the blocker and the 50 that stayed, no more
+    assert version["gone"] == 150 and version["queue_depth_rows"] == 0
+    _wait_for(lambda: _shed(server, "echo", "client_gone") == 150, "the client_gone count")
+
+
+def test_a_client_that_leaves_during_predict_only_loses_its_answer(serve: Any, tmp_path: Path) -> None:
+    server = serve(_hold_repo(tmp_path, "echo"), trusted_repository=1, queue_timeout_ms=60_000)
+    leaving = _send_predict(server.port, _row(5, 1.0))
+    _wait_for(lambda: _version(server, "echo")["predict_running_seconds"] is not None, "the predict")
+    leaving.close()
+    _wait_for(lambda: _version(server, "echo")["predict_running_seconds"] is None, "the predict's end")
+    version = _version(server, "echo")
+    assert version["gone"] == 0 and version["errors"] == 0
+    # The server goes on as before.
+    response = httpx.post(server.url + "/predict/echo", content=_row(6), headers=JSON, timeout=10)
+    assert response.status_code == 200 and response.json()["predictions"] == [6]
+
+
+# -- a predict that hangs ------------------------------------------------------------------------
+
+
+def test_requests_behind_a_hung_predict_get_504_at_their_deadline(serve: Any, tmp_path: Path) -> None:
+    server = serve(
+        _hold_repo(tmp_path, "echo", "other"), trusted_repository=1, queue_timeout_ms=300, max_batch_rows=1
+    )
+    hung = _send_predict(server.port, _row(0, 6.0))
+    _wait_for(lambda: _version(server, "echo")["predict_running_seconds"] is not None, "the hung predict")
+    behind = [_send_predict(server.port, _row(i + 1)) for i in range(5)]
+    answers = [_read_answer(sock) for sock in behind]
+    assert [(status, body["error"]["code"]) for status, body in answers] == [(504, "queue_timeout")] * 5
+    # Answered while the predict still hangs, not when it returns.
+    echo = _version(server, "echo")
+    assert echo["predict_running_seconds"] is not None and echo["predict_overdue"] is True
+    assert echo["expired"] == 5
+    # The other model serves meanwhile.
+    for i in range(3):
+        response = httpx.post(server.url + "/predict/other", content=_row(i), headers=JSON, timeout=10)
+        assert response.status_code == 200 and response.json()["predictions"] == [i]
+    assert _version(server, "other")["predict_overdue"] is False
+    for sock in behind:
+        sock.close()
+    assert _read_answer(hung)[0] == 200  # the hung predict's own answer, once it returns
+    hung.close()
+    assert _version(server, "echo")["predict_overdue"] is False

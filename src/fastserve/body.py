@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -124,6 +125,42 @@ async def receive_body(receive: Receive, max_bytes: int) -> bytes:
             # The common case, the whole body in one message, is returned without a copy.
             return b"".join((*chunks, chunk)) if chunks else chunk
         chunks.append(chunk)
+
+
+class DisconnectWatch:
+    """Calls ``on_gone(arg)`` if the client disconnects before ``stop``.
+
+    Once the body is read, the next ``receive()`` resolves only when the client disconnects
+    (Granian's also once the answer is sent): one call per request, with a callback on what it
+    returns, and no task. Granian returns a future-like object; another server's coroutine is
+    wrapped in a task.
+    """
+
+    __slots__ = ("_waiter", "_on_gone", "_arg")
+
+    def __init__(self, receive: Receive, on_gone: Callable[[Any], None], arg: Any) -> None:
+        waiter: Any = receive()
+        if not hasattr(waiter, "add_done_callback"):
+            waiter = asyncio.ensure_future(waiter)
+        self._waiter = waiter
+        self._on_gone = on_gone
+        self._arg = arg
+        waiter.add_done_callback(self._done)
+
+    def _done(self, waiter: Any) -> None:
+        if waiter.cancelled():
+            return
+        try:
+            message = waiter.result()
+        except Exception:  # the server's transport failed: the client is gone too
+            message = {"type": "http.disconnect"}
+        if message["type"] == "http.disconnect":
+            self._on_gone(self._arg)
+
+    def stop(self) -> None:
+        """The answer is ready: what the client does from now on is no longer watched."""
+        self._waiter.remove_done_callback(self._done)
+        self._waiter.cancel()
 
 
 def has_body(headers: list[tuple[bytes, bytes]]) -> bool:

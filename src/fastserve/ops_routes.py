@@ -134,7 +134,10 @@ def _status(server: Server) -> dict[str, Any]:
                 "predict_seconds": round(stats.predict_seconds, 6),
                 "shed": stats.shed,
                 "expired": stats.expired,
+                "gone": stats.gone,
                 "errors": stats.errors,
+                "predict_running_seconds": _rounded(batcher.predict_running_s()),
+                "predict_overdue": batcher.predict_overdue(),
             }
         for version, reason in entry.failed.items():
             versions[version] = {"state": "failed", "reason": reason}
@@ -163,6 +166,10 @@ def _status(server: Server) -> dict[str, Any]:
         "models": models,
         "deploy_log": [entry.as_dict() for entry in history],
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _model_metadata(server: Server, name: str) -> dict[str, Any]:

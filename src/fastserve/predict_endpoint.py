@@ -19,7 +19,7 @@ import time
 from starlette.types import Receive, Scope, Send
 
 from fastserve import codec
-from fastserve.body import CLOSE, DRAIN_FACTOR, BodyDeadlines, ClientGone
+from fastserve.body import CLOSE, DRAIN_FACTOR, BodyDeadlines, ClientGone, DisconnectWatch
 from fastserve.codec import WireFormat
 from fastserve.config import LimitSettings
 from fastserve.errors import BodyTimeout, FastServeError, QueueFull, TooManyRows
@@ -98,7 +98,12 @@ class PredictEndpoint:
             answer = batcher.admit(request)
             if mirror is not None:
                 server.router.shadow.mirror(mirror, request, answer, request_id)
-            predictions = await answer
+            # A client that leaves while its request is queued takes the request out of its batch.
+            watch = DisconnectWatch(receive, batcher.client_left, answer)
+            try:
+                predictions = await answer
+            finally:
+                watch.stop()
             payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
         except FastServeError as error:
             try:
