@@ -70,7 +70,8 @@ class BodyDeadlines:
     async def drain(self, receive: Receive, content_length: int, max_bytes: int, timeout_ms: float) -> bool:
         """Read and throw away what is left of a body; whether all of it came within
         ``max_bytes`` and ``timeout_ms``, so that the connection can carry the next request.
-        Raises ``ClientGone`` when the client disconnects meanwhile."""
+        (Not when the body stops short: the answer still goes, to a client that half-closed
+        its side and still reads, and the connection closes.)"""
         if content_length > max_bytes:
             return False
         task = asyncio.current_task()
@@ -83,7 +84,7 @@ class BodyDeadlines:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise ClientGone
+                    return False
                 size += len(message.get("body", b""))
                 if size > max_bytes:
                     return False
@@ -191,7 +192,6 @@ class DrainUnread:
         if scope["type"] != "http" or not has_body(scope["headers"]):
             return await self._app(scope, receive, send)
         finished = False  # the body has been read to its end, or the client has gone
-        gone = False  # the client left while its body was drained: nobody to answer
 
         async def tracked() -> Message:
             nonlocal finished
@@ -201,18 +201,12 @@ class DrainUnread:
             return message
 
         async def guarded(message: Message) -> None:
-            nonlocal finished, gone
-            if gone:
-                return
+            nonlocal finished
             if message["type"] == "http.response.start" and not finished:
                 limits = self._limits
-                try:
-                    finished = await self._bodies.drain(
-                        tracked, -1, DRAIN_FACTOR * limits.max_body_bytes, limits.body_timeout_ms
-                    )
-                except ClientGone:
-                    gone = True
-                    return
+                finished = await self._bodies.drain(
+                    tracked, -1, DRAIN_FACTOR * limits.max_body_bytes, limits.body_timeout_ms
+                )
                 if not finished:
                     message = {**message, "headers": [*message.get("headers", ()), CLOSE]}
             await send(message)

@@ -22,7 +22,7 @@ from fastserve import codec
 from fastserve.body import CLOSE, DRAIN_FACTOR, BodyDeadlines, ClientGone, DisconnectWatch
 from fastserve.codec import WireFormat
 from fastserve.config import LimitSettings
-from fastserve.errors import BodyTimeout, FastServeError, QueueFull, TooManyRows
+from fastserve.errors import BodyTimeout, FastServeError, MalformedBody, QueueFull, TooManyRows
 from fastserve.worker import Server
 
 logger = logging.getLogger("fastserve")
@@ -86,9 +86,17 @@ class PredictEndpoint:
                 await _send_refusal(send, refusal, out_format, request_id, close)
                 self._refused(params["model"], chosen, 429)
                 return
-            body = await self._bodies.read(
-                receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
-            )
+            try:
+                body = await self._bodies.read(
+                    receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
+                )
+            except ClientGone:
+                # The body stopped short: answered for a client that half-closed its side and
+                # still reads (a gone one never sees it), and the connection closes.
+                unread = False
+                raise MalformedBody(
+                    "the body ended before it was complete", headers={"connection": "close"}
+                ) from None
             unread = False
             request = codec.decode(body, in_format, batcher.inputs.named)
             n_rows = request.n_rows
@@ -106,13 +114,10 @@ class PredictEndpoint:
                 watch.stop()
             payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
         except FastServeError as error:
-            try:
-                # A body that stopped arriving is not waited for again.
-                close = unread and (
-                    type(error) is BodyTimeout or not await self._drained(receive, content_length, limits)
-                )
-            except ClientGone:
-                return
+            # A body that stopped arriving is not waited for again.
+            close = unread and (
+                type(error) is BodyTimeout or not await self._drained(receive, content_length, limits)
+            )
             await _send_error(send, error, out_format, request_id, close)
             self._refused(params["model"], chosen, error.status)
             return
