@@ -301,6 +301,22 @@ def test_openapi_documents_every_route_and_only_real_error_codes(
                         assert set(error["properties"]["code"]["enum"]) <= codes, status
 
 
+# -- the reliability record ------------------------------------------------------------------------
+
+
+def test_the_reliability_record_names_only_tests_that_exist() -> None:
+    text = (DOCS / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) >= 20
+    sources = {path.name: path.read_text() for path in (ROOT / "tests").glob("test_*.py")}
+    for module, test in named:
+        assert f"def {test}(" in sources[module], f"docs/reliability.md names {module}::{test}"
+    # `::test_x` right after a named test is another test of the same module.
+    for module, rest in re.findall(r"`(test_\w+\.py)::test_\w+`((?:, `::test_\w+`)+)", text):
+        for test in re.findall(r"`::(test_\w+)`", rest):
+            assert f"def {test}(" in sources[module], f"docs/reliability.md names {module}::{test}"
+
+
 # -- links -----------------------------------------------------------------------------------------
 
 
