@@ -489,3 +489,41 @@ def test_a_queued_request_behind_a_busy_model_expires_at_its_own_deadline() -> N
         await batcher.drain_and_stop(5)
 
     run(scenario)
+
+
+def test_only_a_request_that_waits_long_is_watched_for_its_client() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=8, batch_window_ms=1, queue_timeout_ms=10_000)
+        receives: list[asyncio.Future[dict[str, str]]] = []
+
+        def receive() -> asyncio.Future[dict[str, str]]:
+            receives.append(loop.create_future())
+            return receives[-1]
+
+        quick = batcher.admit(row(1))
+        quick_entry = batcher.waiting(receive, quick)
+        assert await quick == [1]
+        model.gate.clear()
+        slow = batcher.admit(row(2))  # in predict, held by the gate
+        slow_entry = batcher.waiting(receive, slow)
+        await asyncio.sleep(0.02)
+        behind = batcher.admit(row(3))
+        behind_entry = batcher.waiting(receive, behind)
+        await asyncio.sleep(0.15)  # past _WATCH_AFTER_S for both
+        assert quick_entry.watch is None  # answered first: never cost a receive()
+        assert slow_entry.watch is not None and behind_entry.watch is not None
+        assert len(receives) == 2
+        receives[1].set_result({"type": "http.disconnect"})  # the client of `behind` leaves
+        await asyncio.sleep(0)
+        model.gate.set()
+        assert await slow == [2]
+        with pytest.raises(ClientGone):
+            await behind
+        slow_entry.watch.stop()
+        await asyncio.sleep(0.05)
+        assert batcher.stats.gone == 1 and model.batch_sizes == [1, 1]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)

@@ -19,7 +19,7 @@ import time
 from starlette.types import Receive, Scope, Send
 
 from fastserve import codec
-from fastserve.body import CLOSE, DRAIN_FACTOR, BodyDeadlines, ClientGone, DisconnectWatch
+from fastserve.body import CLOSE, DRAIN_FACTOR, BodyDeadlines, ClientGone
 from fastserve.codec import WireFormat
 from fastserve.config import LimitSettings
 from fastserve.errors import BodyTimeout, FastServeError, MalformedBody, QueueFull, TooManyRows
@@ -106,12 +106,14 @@ class PredictEndpoint:
             answer = batcher.admit(request)
             if mirror is not None:
                 server.router.shadow.mirror(mirror, request, answer, request_id)
-            # A client that leaves while its request is queued takes the request out of its batch.
-            watch = DisconnectWatch(receive, batcher.client_left, answer)
+            # A client that leaves while its request waits takes it out of its batch (see
+            # Batcher.waiting: a request answered within _WATCH_AFTER_S is never watched).
+            waiting = batcher.waiting(receive, answer)
             try:
                 predictions = await answer
             finally:
-                watch.stop()
+                if waiting.watch is not None:
+                    waiting.watch.stop()
             payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
         except FastServeError as error:
             # A body that stopped arriving is not waited for again.
