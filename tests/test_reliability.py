@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import pytest
 
-from conftest import RunningServer, status_of, write_joblib_model
+from conftest import RunningServer, status_of, status_of_every_worker, write_joblib_model
 from fake_models import HoldsOn
 
 pytestmark = pytest.mark.e2e
@@ -331,3 +331,42 @@ def test_requests_behind_a_hung_predict_get_504_at_their_deadline(serve: Any, tm
     assert _read_answer(hung)[0] == 200  # the hung predict's own answer, once it returns
     hung.close()
     assert _version(server, "echo")["predict_overdue"] is False
+
+
+def test_on_two_workers_a_hung_predict_holds_no_one_past_their_deadline(serve: Any, tmp_path: Path) -> None:
+    server = serve(
+        _hold_repo(tmp_path, "echo", "other"),
+        "--workers",
+        "2",
+        trusted_repository=1,
+        queue_timeout_ms=300,
+        max_batch_rows=1,
+    )
+    hung = _send_predict(server.port, _row(0, 8.0))
+    _wait_for(
+        lambda: any(
+            status["models"]["echo"]["versions"]["v1"]["predict_running_seconds"] is not None
+            for status in status_of_every_worker(server, 2).values()
+        ),
+        "the hung predict",
+    )
+    # New connections land on either worker: behind the hung predict they get their 504 at
+    # their deadline, on the other worker their answer; the other model answers on both.
+    behind = [_send_predict(server.port, _row(i + 1)) for i in range(10)]
+    others = [_send_predict(server.port, _row(i + 1), model="other") for i in range(10)]
+    outcomes = Counter()
+    for sock in behind:
+        status, body = _read_answer(sock)
+        outcomes[status] += 1
+        assert status == 200 or body["error"]["code"] == "queue_timeout"
+        sock.close()
+    assert set(outcomes) <= {200, 504}
+    for i, sock in enumerate(others):
+        assert _read_answer(sock) == (200, {"model": "other", "version": "v1", "predictions": [i + 1]})
+        sock.close()
+    statuses = status_of_every_worker(server, 2).values()
+    overdue = [status["models"]["echo"]["versions"]["v1"]["predict_overdue"] for status in statuses]
+    assert sorted(overdue) == [False, True]  # answered while the predict still hangs
+    expired = sum(status["models"]["echo"]["versions"]["v1"]["expired"] for status in statuses)
+    assert expired == outcomes[504]
+    hung.close()
