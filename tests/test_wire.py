@@ -168,7 +168,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repo = tmp_path_factory.mktemp("wire-repo")
     write_joblib_model(repo, "echo", "v1", HoldsOn(2))
     port = free_port()
-    env = server_env(trusted_repository=1, admin_token=TOKEN, body_timeout_ms=300)
+    # A generous body timeout: a loaded CI machine that stalls the loop must not turn a good
+    # request into a 408 (the malformed ones end their stream and never wait for it).
+    env = server_env(trusted_repository=1, admin_token=TOKEN, body_timeout_ms=5000)
     with running(serve_command(repo, port), env, port, tmp_path_factory.mktemp("wire-run")) as server:
         yield server
 
