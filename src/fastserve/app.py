@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fastserve.body import BodyDeadlines, DrainUnread
 from fastserve.config import Settings
 from fastserve.ops_routes import EXCEPTION_HANDLERS, ops_routes
 from fastserve.predict_endpoint import PredictEndpoint
@@ -31,13 +32,15 @@ class PredictFirst:
     Starlette's error and exception middleware and its route matching cost about a tenth of
     a bare request's time, on every prediction; the predict endpoint answers all of its own
     errors, so it needs none of them. Anything that is not a well-formed predict path (wrong
-    method, extra segments) falls through to Starlette, which owns the 404s and 405s.
+    method, extra segments) falls through to Starlette, which owns the 404s and 405s; a body
+    its routes leave unread is drained first, so that the connection stays usable.
     """
 
-    def __init__(self, starlette: Starlette, predict: PredictEndpoint) -> None:
+    def __init__(self, starlette: Starlette, predict: PredictEndpoint, others: ASGIApp | None = None) -> None:
         self.starlette = starlette
         self.state = starlette.state
         self._predict = predict
+        self._others = others or starlette
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(_PREDICT):
@@ -48,7 +51,7 @@ class PredictFirst:
             if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
                 scope["path_params"] = {"model": parts[0], "version": parts[2]}
                 return await self._predict(scope, receive, send)
-        await self.starlette(scope, receive, send)
+        await self._others(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> PredictFirst:
@@ -64,8 +67,11 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=server.lifespan,
     )
+    # An API answers a path it does not have with a 404, never with a redirect: Starlette's
+    # slash redirect builds its Location from the request's Host header.
+    app.router.redirect_slashes = False
     app.state.server = server
-    return PredictFirst(app, predict)
+    return PredictFirst(app, predict, DrainUnread(app, server.settings.limits, BodyDeadlines()))
 
 
 app = create_app()

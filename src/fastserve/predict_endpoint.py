@@ -2,6 +2,8 @@
 
 headers -> route (stable, canary share, shadow copy, or a pinned version) -> refuse at once
 if the queue is full -> body (under the size and time limits) -> codec -> batcher -> bytes.
+An answer given before the body was read (a 404, 413, 415, 429 or 503) first reads the rest
+of the body, so that the connection stays usable, or closes it (see ``body``).
 It answers every one of its own errors, so it runs without Starlette's middleware (see
 ``app.PredictFirst``): each request gets exactly one answer, a bug included.
 """
@@ -17,9 +19,10 @@ import time
 from starlette.types import Receive, Scope, Send
 
 from fastserve import codec
-from fastserve.body import BodyDeadlines, ClientGone
+from fastserve.body import CLOSE, DRAIN_FACTOR, BodyDeadlines, ClientGone
 from fastserve.codec import WireFormat
-from fastserve.errors import FastServeError, QueueFull, TooManyRows
+from fastserve.config import LimitSettings
+from fastserve.errors import BodyTimeout, FastServeError, MalformedBody, QueueFull, TooManyRows
 from fastserve.worker import Server
 
 logger = logging.getLogger("fastserve")
@@ -42,6 +45,7 @@ class PredictEndpoint:
         started = time.perf_counter()
         content_type = accept = request_id = routing_key = None
         content_length = -1
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value
@@ -53,12 +57,16 @@ class PredictEndpoint:
                 request_id = value
             elif name == b"x-routing-key":
                 routing_key = value
+            elif name == b"transfer-encoding":
+                chunked = True
         if request_id is None:
             request_id = b"%s-%x" % (_ID_PREFIX, next(_request_ids))
 
         out_format = WireFormat.JSON
         params = scope["path_params"]
         chosen = ""  # the version that answers, once routing has chosen it
+        unread = content_length > 0 or chunked  # a body is still on the connection
+        limits = self.server.settings.limits  # the version's own, once routing has chosen it
         try:
             in_format = codec.request_format(content_type)
             out_format = codec.response_format(accept, in_format)
@@ -73,15 +81,26 @@ class PredictEndpoint:
             # Taken now, with the route: a version unloaded while this request waits keeps
             # answering what it had queued, but leaves the encoders at once.
             encoder = server.encoders[batcher.model, chosen]
+            limits = server.models[batcher.model].limits
             if batcher.full:
                 # Under overload most requests end here: no exception, no generic error path.
-                await _send_refusal(send, batcher.shed(), out_format, request_id)
+                refusal = batcher.shed()
+                close = unread and not await self._drained(receive, content_length, limits)
+                await _send_refusal(send, refusal, out_format, request_id, close)
                 self._refused(params["model"], chosen, 429)
                 return
-            limits = server.models[batcher.model].limits
-            body = await self._bodies.read(
-                receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
-            )
+            try:
+                body = await self._bodies.read(
+                    receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
+                )
+            except ClientGone:
+                # The body stopped short: answered for a client that half-closed its side and
+                # still reads (a gone one never sees it), and the connection closes.
+                unread = False
+                raise MalformedBody(
+                    "the body ended before it was complete", headers={"connection": "close"}
+                ) from None
+            unread = False
             request = codec.decode(body, in_format, batcher.inputs.named)
             n_rows = request.n_rows
             if n_rows > limits.max_rows_per_request or n_rows > batcher.queue.max_queue_depth:
@@ -90,10 +109,21 @@ class PredictEndpoint:
             answer = batcher.admit(request)
             if mirror is not None:
                 server.router.shadow.mirror(mirror, request, answer, request_id)
-            predictions = await answer
+            # A client that leaves while its request waits takes it out of its batch (see
+            # Batcher.waiting: a request answered within _WATCH_AFTER_S is never watched).
+            waiting = batcher.waiting(receive, answer)
+            try:
+                predictions = await answer
+            finally:
+                if waiting.watch is not None:
+                    waiting.watch.stop()
             payload = encoder.encode(predictions, out_format)
         except FastServeError as error:
-            await _send_error(send, error, out_format, request_id)
+            # A body that stopped arriving is not waited for again.
+            close = unread and (
+                type(error) is BodyTimeout or not await self._drained(receive, content_length, limits)
+            )
+            await _send_error(send, error, out_format, request_id, close)
             self._refused(params["model"], chosen, error.status)
             return
         except ClientGone:
@@ -120,6 +150,13 @@ class PredictEndpoint:
         if batcher.meter is not None:
             batcher.meter.answered(time.perf_counter() - started)
 
+    async def _drained(self, receive: Receive, content_length: int, limits: LimitSettings) -> bool:
+        """Read and throw away the body an early answer did not need; whether the connection
+        can carry the next request (see ``body``)."""
+        return await self._bodies.drain(
+            receive, content_length, DRAIN_FACTOR * limits.max_body_bytes, limits.body_timeout_ms
+        )
+
     def _refused(self, model: str, version: str, code: int) -> None:
         # Labels come from the repository: a request for an unknown model leaves no series.
         metrics = self.server.metrics
@@ -127,22 +164,30 @@ class PredictEndpoint:
             metrics.refused(model, version, code)
 
 
-async def _send_error(send: Send, error: FastServeError, fmt: WireFormat, request_id: bytes) -> None:
+async def _send_error(
+    send: Send, error: FastServeError, fmt: WireFormat, request_id: bytes, close: bool = False
+) -> None:
     headers = [
         (b"content-type", _CONTENT_TYPE[fmt]),
         (b"x-request-id", request_id),
         *((name.encode(), value.encode()) for name, value in error.headers.items()),
     ]
+    if close:
+        headers.append(CLOSE)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
 
 
-async def _send_refusal(send: Send, error: QueueFull, fmt: WireFormat, request_id: bytes) -> None:
+async def _send_refusal(
+    send: Send, error: QueueFull, fmt: WireFormat, request_id: bytes, close: bool
+) -> None:
     """``_send_error`` for the 429 of a full queue, the error sent most under overload."""
     headers = [
         (b"content-type", _CONTENT_TYPE[fmt]),
         (b"x-request-id", request_id),
         (b"retry-after", b"%d" % error.retry_after_s),
     ]
+    if close:
+        headers.append(CLOSE)
     await send({"type": "http.response.start", "status": 429, "headers": headers})
     await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
