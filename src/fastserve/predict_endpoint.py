@@ -4,6 +4,11 @@ headers -> route (stable, canary share, shadow copy, or a pinned version) -> ref
 if the queue is full -> body (under the size and time limits) -> codec -> batcher -> bytes.
 It answers every one of its own errors, so it runs without Starlette's middleware (see
 ``app.PredictFirst``): each request gets exactly one answer, a bug included.
+
+The path is the same for every wire format; a ``Wire`` says how a body becomes a request and
+an answer becomes a body. ``NativeWire`` is fastserve's own JSON and MessagePack; the Open
+Inference Protocol (``v2.V2Wire``) takes the same path, so it gets the same routing, limits,
+batching, metrics and refusals.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ import logging
 import os
 import re
 import time
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.types import Receive, Scope, Send
 
 from fastserve import codec
 from fastserve.body import BodyDeadlines, ClientGone
-from fastserve.codec import WireFormat
+from fastserve.codec import PredictRequest, TabularRequest, WireFormat
 from fastserve.errors import FastServeError, QueueFull, TooManyRows
 from fastserve.worker import Server
+
+if TYPE_CHECKING:
+    from fastserve.batcher import Answer, Batcher
 
 logger = logging.getLogger("fastserve")
 
@@ -30,56 +39,138 @@ _ID_PREFIX = os.urandom(4).hex().encode()
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _CONTENT_TYPE = {fmt: fmt.value.encode() for fmt in WireFormat}
 
+Headers = list[tuple[bytes, bytes]]
+
+
+class RequestHeaders:
+    """The request headers the hot path reads, from one pass over them."""
+
+    __slots__ = (
+        "content_type",
+        "content_length",
+        "accept",
+        "request_id",
+        "routing_key",
+        "content_encoding",
+        "inference_header_length",
+    )
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.content_type = self.accept = self.request_id = self.routing_key = None
+        self.content_encoding = self.inference_header_length = None
+        self.content_length = -1
+        for name, value in raw:
+            if name == b"content-type":
+                self.content_type = value
+            elif name == b"content-length":
+                self.content_length = int(value) if value.isdigit() else -1
+            elif name == b"accept":
+                self.accept = value
+            elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+                self.request_id = value
+            elif name == b"x-routing-key":
+                self.routing_key = value
+            elif name == b"content-encoding":
+                self.content_encoding = value
+            elif name == b"inference-header-content-length":
+                self.inference_header_length = value
+
+
+class Wire(Protocol):
+    """How one wire format reads requests and writes answers; the hot path does the rest.
+
+    ``framing`` is what ``begin`` read from the headers (``None`` until it has), handed back to
+    each later call; ``reply`` is what ``decode`` kept of the body for ``encode``.
+    """
+
+    def begin(self, headers: RequestHeaders) -> Any: ...
+
+    def decode(
+        self, body: bytes, framing: Any, batcher: Batcher, max_body_bytes: int
+    ) -> tuple[PredictRequest | TabularRequest, Any]: ...
+
+    def encode(
+        self, server: Server, batcher: Batcher, answer: Answer, reply: Any, framing: Any
+    ) -> tuple[bytes, Headers]: ...
+
+    def error(self, error: FastServeError, framing: Any) -> tuple[int, bytes, bytes]:
+        """The status, Content-Type and body that answer ``error``."""
+        ...
+
+
+class NativeWire:
+    """``POST /predict``'s JSON and MessagePack; ``framing`` is (request format, answer format)."""
+
+    def begin(self, headers: RequestHeaders) -> tuple[WireFormat, WireFormat]:
+        in_format = codec.request_format(headers.content_type)
+        return in_format, codec.response_format(headers.accept, in_format)
+
+    def decode(
+        self, body: bytes, framing: tuple[WireFormat, WireFormat], batcher: Batcher, max_body_bytes: int
+    ) -> tuple[PredictRequest | TabularRequest, None]:
+        return codec.decode(body, framing[0], batcher.inputs.named), None
+
+    def encode(
+        self, server: Server, batcher: Batcher, answer: Answer, reply: None, framing: tuple[WireFormat, WireFormat]
+    ) -> tuple[bytes, Headers]:
+        fmt = framing[1]
+        payload = server.encoders[batcher.model, batcher.version].encode(answer, fmt)
+        return payload, [(b"content-type", _CONTENT_TYPE[fmt])]
+
+    def error(
+        self, error: FastServeError, framing: tuple[WireFormat, WireFormat] | None
+    ) -> tuple[int, bytes, bytes]:
+        # Before the formats are known (a 415 among them), errors are JSON.
+        fmt = framing[1] if framing is not None else WireFormat.JSON
+        return error.status, _CONTENT_TYPE[fmt], codec.error_body(error, fmt)
+
+
+NATIVE = NativeWire()
+
 
 class PredictEndpoint:
-    """``POST /predict/{model}`` and ``/predict/{model}/versions/{version}``, as raw ASGI."""
+    """``POST /predict/{model}`` and ``/predict/{model}/versions/{version}``, as raw ASGI; ``serve``
+    is the same path for another wire format."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        # One set of body deadlines (one sweep timer) for every wire format.
         self._bodies = BodyDeadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, send, NATIVE)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, wire: Wire) -> None:
+        """Answer one predict request whose body and answer are in ``wire``'s format."""
         started = time.perf_counter()
-        content_type = accept = request_id = routing_key = None
-        content_length = -1
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                content_length = int(value) if value.isdigit() else -1
-            elif name == b"accept":
-                accept = value
-            elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-                request_id = value
-            elif name == b"x-routing-key":
-                routing_key = value
+        headers = RequestHeaders(scope["headers"])
+        request_id = headers.request_id
         if request_id is None:
             request_id = b"%s-%x" % (_ID_PREFIX, next(_request_ids))
 
-        out_format = WireFormat.JSON
+        framing = None
         params = scope["path_params"]
         chosen = ""  # the version that answers, once routing has chosen it
         try:
-            in_format = codec.request_format(content_type)
-            out_format = codec.response_format(accept, in_format)
+            framing = wire.begin(headers)
             server = self.server
             server.check_serving()
             version = params.get("version")
             if version is None:
-                batcher, mirror = server.router.route(params["model"], routing_key)
+                batcher, mirror = server.router.route(params["model"], headers.routing_key)
             else:
                 batcher, mirror = server.router.pinned(params["model"], version), None
             chosen = batcher.version
             if batcher.full:
                 # Under overload most requests end here: no exception, no generic error path.
-                await _send_refusal(send, batcher.shed(), out_format, request_id)
+                await _send_refusal(send, wire, batcher.shed(), framing, request_id)
                 self._refused(params["model"], chosen, 429)
                 return
             limits = server.models[batcher.model].limits
             body = await self._bodies.read(
-                receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
+                receive, headers.content_length, limits.max_body_bytes, limits.body_timeout_ms
             )
-            request = codec.decode(body, in_format, batcher.inputs.named)
+            request, reply = wire.decode(body, framing, batcher, limits.max_body_bytes)
             n_rows = request.n_rows
             if n_rows > limits.max_rows_per_request or n_rows > batcher.queue.max_queue_depth:
                 limit = min(limits.max_rows_per_request, batcher.queue.max_queue_depth)
@@ -88,10 +179,10 @@ class PredictEndpoint:
             if mirror is not None:
                 server.router.shadow.mirror(mirror, request, answer, request_id)
             predictions = await answer
-            payload = server.encoders[batcher.model, batcher.version].encode(predictions, out_format)
+            payload, response_headers = wire.encode(server, batcher, predictions, reply, framing)
         except FastServeError as error:
-            await _send_error(send, error, out_format, request_id)
-            self._refused(params["model"], chosen, error.status)
+            status = await _send_error(send, wire, error, framing, request_id)
+            self._refused(params["model"], chosen, status)
             return
         except ClientGone:
             return
@@ -99,20 +190,12 @@ class PredictEndpoint:
             # Predict requests skip Starlette's error middleware (see PredictFirst): a bug
             # here must still give the client one clean answer and leave a traceback in the log.
             logger.exception("unhandled error in predict")
-            await _send_error(send, FastServeError("internal error"), out_format, request_id)
+            await _send_error(send, wire, FastServeError("internal error"), framing, request_id)
             self._refused(params["model"], chosen, 500)
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", _CONTENT_TYPE[out_format]),
-                    (b"x-model-version", batcher.version.encode()),
-                    (b"x-request-id", request_id),
-                ],
-            }
-        )
+        response_headers.append((b"x-model-version", batcher.version.encode()))
+        response_headers.append((b"x-request-id", request_id))
+        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
         if batcher.meter is not None:
             batcher.meter.answered(time.perf_counter() - started)
@@ -124,22 +207,26 @@ class PredictEndpoint:
             metrics.refused(model, version, code)
 
 
-async def _send_error(send: Send, error: FastServeError, fmt: WireFormat, request_id: bytes) -> None:
+async def _send_error(send: Send, wire: Wire, error: FastServeError, framing: Any, request_id: bytes) -> int:
+    """Send the answer to ``error``; its status, which the wire format may map (V2 has no 422)."""
+    status, content_type, body = wire.error(error, framing)
     headers = [
-        (b"content-type", _CONTENT_TYPE[fmt]),
+        (b"content-type", content_type),
         (b"x-request-id", request_id),
         *((name.encode(), value.encode()) for name, value in error.headers.items()),
     ]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status
 
 
-async def _send_refusal(send: Send, error: QueueFull, fmt: WireFormat, request_id: bytes) -> None:
+async def _send_refusal(send: Send, wire: Wire, error: QueueFull, framing: Any, request_id: bytes) -> None:
     """``_send_error`` for the 429 of a full queue, the error sent most under overload."""
+    status, content_type, body = wire.error(error, framing)
     headers = [
-        (b"content-type", _CONTENT_TYPE[fmt]),
+        (b"content-type", content_type),
         (b"x-request-id", request_id),
         (b"retry-after", b"%d" % error.retry_after_s),
     ]
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": codec.error_body(error, fmt)})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
