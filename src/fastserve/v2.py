@@ -51,8 +51,7 @@ NUMERIC = {
 }
 BOOL, BYTES = "BOOL", "BYTES"
 _FLOAT64 = np.dtype("<f8")
-# The kinds of JSON values (as numpy reads a list of them) each datatype takes.
-_JSON_KINDS = {name: ("iu" if name[0] in "IU" else "iuf") for name in NUMERIC}
+_BOOL_BYTE = np.dtype("u1")
 
 # zlib's window bits for each Content-Encoding: gzip's header, zlib's header ("deflate" means
 # zlib's format, RFC 9110), or a raw deflate stream, which some clients send as "deflate".
@@ -66,7 +65,9 @@ class Tensor(msgspec.Struct):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: Any = None
+    # Left undecoded until the datatype and the model say what it must hold: a positional
+    # tensor's numbers are then decoded by msgspec straight into lists of floats (``_ROWS``).
+    data: msgspec.Raw = msgspec.Raw()  # empty: no ``data`` (binary, or missing)
 
 
 class RequestedOutput(msgspec.Struct):
@@ -95,6 +96,13 @@ class Reply:
 
 
 _decode_request = msgspec.json.Decoder(InferRequest).decode
+_decode_any = msgspec.json.Decoder().decode
+# A numeric tensor's JSON ``data``, flat or nested a level (rows), as floats or as integers.
+_FLAT = {"f": msgspec.json.Decoder(list[float]).decode, "i": msgspec.json.Decoder(list[int]).decode}
+_NESTED = {
+    "f": msgspec.json.Decoder(list[list[float]]).decode,
+    "i": msgspec.json.Decoder(list[list[int]]).decode,
+}
 _encode = msgspec.json.Encoder().encode
 encode_json = _encode
 
@@ -173,8 +181,9 @@ def _has_zlib_header(body: bytes) -> bool:
     return len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0
 
 
-def split(body: bytes, header_length: int | None) -> tuple[InferRequest, list[Any]]:
-    """The JSON header and each input's data: its binary bytes (a ``memoryview``) or its JSON data."""
+def split(body: bytes, header_length: int | None) -> tuple[InferRequest, list[memoryview | msgspec.Raw]]:
+    """The JSON header and each input's data: its binary bytes (a ``memoryview``), or its JSON
+    ``data`` still undecoded."""
     if header_length is None:
         header, binary = body, memoryview(b"")
     else:
@@ -192,18 +201,18 @@ def split(body: bytes, header_length: int | None) -> tuple[InferRequest, list[An
         raise MalformedBody(f"the inference header is not valid JSON: {exc}") from None
     if not request.inputs:
         raise MalformedBody("`inputs` is empty")
-    tensors: list[Any] = []
+    tensors: list[memoryview | msgspec.Raw] = []
     offset = 0
     for tensor in request.inputs:
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is None:
-            if tensor.data is None:
+            if not tensor.data:
                 raise MalformedBody(f"input {tensor.name!r} has neither `data` nor `binary_data_size`")
             tensors.append(tensor.data)
             continue
         if type(size) is not int or size < 0:
             raise MalformedBody(f"input {tensor.name!r}: `binary_data_size` must be a whole number")
-        if tensor.data is not None:
+        if tensor.data:
             raise MalformedBody(f"input {tensor.name!r} has both `data` and `binary_data_size`")
         if offset + size > len(binary):
             raise MalformedBody(
@@ -248,7 +257,9 @@ def to_request(
         )
     tensor = inputs[0]
     rows = _rows(tensor, tensors[0], schema.n_features)
-    return PredictRequest(instances=rows, shape=(tensor.shape[0], schema.n_features), outputs=wanted), reply
+    if isinstance(rows, bytes):
+        return PredictRequest(instances=rows, shape=(tensor.shape[0], schema.n_features), outputs=wanted), reply
+    return PredictRequest(instances=rows, outputs=wanted), reply
 
 
 def _columnar(request: InferRequest, schema: InputSchema) -> bool:
@@ -286,77 +297,102 @@ def _n_elements(tensor: Tensor) -> int:
     return math.prod(tensor.shape)
 
 
-def _rows(tensor: Tensor, data: Any, n_features: int) -> bytes:
-    """One positional tensor ``[N, n_features]`` as little-endian float64 rows, row-major."""
+def _rows(tensor: Tensor, data: memoryview | msgspec.Raw, n_features: int) -> bytes | list[list[Any]]:
+    """One positional tensor ``[N, n_features]``: binary data as little-endian float64 bytes,
+    JSON data as rows of numbers (which the queue copies into its buffer as it does /predict's)."""
     shape = tensor.shape
-    if len(shape) != 2 or shape[1] != n_features or shape[0] < 1:
+    if len(shape) != 2 or shape[1] != n_features or type(shape[0]) is not int or shape[0] < 1:
         raise MalformedBody(f"input {tensor.name!r} has shape {shape}; the model takes [N, {n_features}]")
     dtype = NUMERIC.get(tensor.datatype)
     if dtype is None:
         raise MalformedBody(
             f"input {tensor.name!r} is {tensor.datatype}; the model takes FP64, FP32, FP16, INT* or UINT*"
         )
-    array = _numbers(tensor, data, dtype)
-    if array.dtype == _FLOAT64:
-        return array.tobytes()
-    return array.astype(_FLOAT64).tobytes()
-
-
-def _numbers(tensor: Tensor, data: Any, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
-    """A numeric tensor's values, flat, in ``dtype`` (binary) or as JSON gave them."""
-    n = _n_elements(tensor)
     if isinstance(data, memoryview):
-        if len(data) != n * dtype.itemsize:
-            raise MalformedBody(
-                f"input {tensor.name!r}: {len(data)} bytes of binary data; shape {tensor.shape} of "
-                f"{tensor.datatype} needs {n * dtype.itemsize}"
-            )
-        return np.frombuffer(data, dtype=dtype)
+        array = _binary(tensor, data, dtype)
+        return array.tobytes() if array.dtype == _FLOAT64 else array.astype(_FLOAT64).tobytes()
+    n_rows = shape[0]
+    values = _json_numbers(tensor, data)
+    if values and type(values[0]) is list:
+        if len(values) != n_rows:
+            raise MalformedBody(f"input {tensor.name!r}: `data` holds {len(values)} rows for shape {shape}")
+        return values
+    if len(values) != n_rows * n_features:
+        raise MalformedBody(f"input {tensor.name!r}: `data` holds {len(values)} values for shape {shape}")
+    if n_rows == 1:
+        return [values]
+    return [values[i * n_features : (i + 1) * n_features] for i in range(n_rows)]
+
+
+def _json_numbers(tensor: Tensor, data: msgspec.Raw) -> list[Any]:
+    """A numeric tensor's JSON ``data``: flat, or nested one level (its rows); integers only for
+    an INT or UINT datatype, any number for a float one."""
+    kind = "i" if tensor.datatype[0] in "IU" else "f"
     try:
-        array = np.asarray(data)
-    except (ValueError, TypeError, OverflowError):
-        raise MalformedBody(f"input {tensor.name!r}: `data` is ragged or not numbers") from None
-    if array.dtype.kind not in _JSON_KINDS[tensor.datatype]:
-        raise MalformedBody(f"input {tensor.name!r}: `data` holds values that are not {tensor.datatype}")
-    if array.size != n or (array.ndim > 1 and list(array.shape) != tensor.shape):
-        raise MalformedBody(f"input {tensor.name!r}: `data` holds {array.size} values for shape {tensor.shape}")
-    return array.reshape(-1)
+        return _FLAT[kind](data)
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(f"input {tensor.name!r}: `data` is not valid JSON: {exc}") from None
+    try:
+        return _NESTED[kind](data)
+    except msgspec.ValidationError:
+        raise MalformedBody(
+            f"input {tensor.name!r}: `data` must be {tensor.datatype} numbers, flat or in rows"
+        ) from None
 
 
-def _column(tensor: Tensor, data: Any) -> list[Any]:
+def _binary(tensor: Tensor, data: memoryview, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    n = _n_elements(tensor)
+    if len(data) != n * dtype.itemsize:
+        raise MalformedBody(
+            f"input {tensor.name!r}: {len(data)} bytes of binary data; shape {tensor.shape} of "
+            f"{tensor.datatype} needs {n * dtype.itemsize}"
+        )
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _column(tensor: Tensor, data: memoryview | msgspec.Raw) -> list[Any]:
     """One column tensor, ``[N]`` or ``[N, 1]``, as a list of values (strings for BYTES)."""
     shape = tensor.shape
-    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise MalformedBody(f"input {tensor.name!r} has shape {shape}; a column is [N] or [N, 1]")
     n = _n_elements(tensor)
-    if tensor.datatype == BYTES:
-        if isinstance(data, memoryview):
+    if n < 1:
+        raise MalformedBody(f"input {tensor.name!r} holds no value")
+    datatype = tensor.datatype
+    dtype = NUMERIC.get(datatype)
+    if dtype is None and datatype != BYTES and datatype != BOOL:
+        raise MalformedBody(f"input {tensor.name!r}: unknown datatype {datatype!r}")
+    if isinstance(data, memoryview):
+        if datatype == BYTES:
             return _strings(tensor.name, unpack_bytes(data, n, tensor.name))
-        flat = _flat(data)
-        if len(flat) != n or not all(isinstance(v, str) for v in flat):
-            raise MalformedBody(f"input {tensor.name!r}: `data` must be {n} strings")
-        return flat
-    if tensor.datatype == BOOL:
-        if isinstance(data, memoryview):
-            if len(data) != n:
-                raise MalformedBody(f"input {tensor.name!r}: {len(data)} bytes of BOOL for {n} values")
-            return np.frombuffer(data, dtype=np.uint8).astype(bool).tolist()
-        flat = _flat(data)
-        if len(flat) != n or not all(type(v) is bool for v in flat):
-            raise MalformedBody(f"input {tensor.name!r}: `data` must be {n} booleans")
-        return flat
-    dtype = NUMERIC.get(tensor.datatype)
-    if dtype is None:
-        raise MalformedBody(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
-    values: list[Any] = _numbers(tensor, data, dtype).tolist()
-    return values
+        array = _binary(tensor, data, _BOOL_BYTE if datatype == BOOL else dtype)  # type: ignore[arg-type]
+        values: list[Any] = (array != 0 if datatype == BOOL else array).tolist()
+        return values
+    try:
+        flat = _flat(_decode_any(data))
+    except msgspec.DecodeError as exc:
+        raise MalformedBody(f"input {tensor.name!r}: `data` is not valid JSON: {exc}") from None
+    if datatype == BYTES:
+        ok = all(type(v) is str for v in flat)
+    elif datatype == BOOL:
+        ok = all(type(v) is bool for v in flat)
+    elif datatype[0] in "IU":
+        ok = all(type(v) is int for v in flat)
+    else:
+        ok = all(type(v) is int or type(v) is float for v in flat)
+    if len(flat) != n or not ok:
+        raise MalformedBody(f"input {tensor.name!r}: `data` must be {n} {datatype} values")
+    return flat
 
 
 def _flat(data: Any) -> list[Any]:
+    """Values given flat, or as ``[N, 1]`` rows of one value each."""
     if not isinstance(data, list):
         return [data]
-    if data and isinstance(data[0], list):  # [N, 1], nested
-        return [v for row in data for v in (row if isinstance(row, list) else [row])]
+    if data and all(isinstance(row, list) and len(row) == 1 for row in data):
+        return [row[0] for row in data]
     return data
 
 
@@ -404,14 +440,19 @@ def encode_response(model: str, version: str, answer: Answer, reply: Reply) -> t
     blobs: list[bytes] = []
     for name, binary in reply.outputs:
         values = answer[name] if isinstance(answer, dict) else answer
-        datatype, shape, array = _tensor_of(values)
+        datatype = _datatype(values)
+        if binary or datatype is None:  # a row of values a row (probabilities), or in binary
+            datatype, shape, array = _tensor_of(values)
+            data: Any = array.reshape(-1).tolist()
+        else:  # a value a row, in JSON: as the batch gave it, no array
+            shape, data = [len(values)], values
         described: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
-            blob = pack_bytes(array.reshape(-1).tolist()) if datatype == BYTES else array.tobytes()
+            blob = pack_bytes(data) if datatype == BYTES else array.tobytes()
             described["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            described["data"] = array.reshape(-1).tolist()
+            described["data"] = data
         outputs.append(described)
     head: dict[str, Any] = {"model_name": model, "model_version": version}
     if reply.id is not None:
@@ -426,6 +467,15 @@ def encode_response(model: str, version: str, answer: Answer, reply: Reply) -> t
         (b"inference-header-content-length", b"%d" % len(header)),
         (b"content-length", b"%d" % len(body)),
     ]
+
+
+# The datatype of a flat list of values, from its first (a batch's outputs are uniform).
+_SCALARS = {bool: BOOL, int: "INT64", float: "FP64", str: BYTES}
+
+
+def _datatype(values: list[Any]) -> str | None:
+    """The datatype of a value a row, or None for rows of values (or nothing to tell by)."""
+    return _SCALARS.get(type(values[0])) if values else None
 
 
 def _tensor_of(values: list[Any]) -> tuple[str, list[int], np.ndarray[Any, Any]]:
