@@ -147,11 +147,15 @@ def test_infer_matches_offline_predict(
         assert ("binary_data_size" in output.get("parameters", {})) == binary_out
 
 
-def test_default_output_is_predict_in_binary(client: triton.InferenceServerClient, demo_repo: Path, rows: Any) -> None:
+def test_default_output_is_predict_in_binary(
+    client: triton.InferenceServerClient, demo_repo: Path, rows: Any
+) -> None:
     # With no outputs named, tritonclient asks for every output in binary (binary_data_output).
     result = client.infer("digits", [digits_input(rows[:3], True)])
     assert [o["name"] for o in result.get_response()["outputs"]] == ["predict"]
-    assert result.as_numpy("predict").tolist() == offline(demo_repo, "digits", "v1").predict(rows[:3]).tolist()
+    assert (
+        result.as_numpy("predict").tolist() == offline(demo_repo, "digits", "v1").predict(rows[:3]).tolist()
+    )
 
 
 @pytest.mark.parametrize("dtype", ["FP32", "INT64", "UINT8"])
@@ -165,7 +169,9 @@ def test_other_numeric_datatypes_become_float64_rows(
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compressed_requests(client: triton.InferenceServerClient, demo_repo: Path, rows: Any, algorithm: str) -> None:
+def test_compressed_requests(
+    client: triton.InferenceServerClient, demo_repo: Path, rows: Any, algorithm: str
+) -> None:
     x = rows[20:30]
     for binary in (True, False):
         result = client.infer("digits", [digits_input(x, binary)], request_compression_algorithm=algorithm)
@@ -175,17 +181,25 @@ def test_compressed_requests(client: triton.InferenceServerClient, demo_repo: Pa
 def test_an_error_reaches_the_client_with_the_servers_message(client: triton.InferenceServerClient) -> None:
     tensor = triton.InferInput("input-0", [1, 3], "FP64")
     tensor.set_data_from_numpy(np.zeros((1, 3)), binary_data=True)
-    with pytest.raises(InferenceServerException, match=r"shape \[1, 3\]; the model takes \[N, 64\]") as raised:
+    with pytest.raises(
+        InferenceServerException, match=r"shape \[1, 3\]; the model takes \[N, 64\]"
+    ) as raised:
         client.infer("digits", [tensor])
     assert raised.value.status() == "400"
     with pytest.raises(InferenceServerException, match="no output 'transform'"):
-        client.infer("digits", [digits_input(np.zeros((1, 64)), True)], outputs=[triton.InferRequestedOutput("transform")])
+        client.infer(
+            "digits",
+            [digits_input(np.zeros((1, 64)), True)],
+            outputs=[triton.InferRequestedOutput("transform")],
+        )
     with pytest.raises(InferenceServerException, match="no model named 'nope'") as raised:
         client.infer("nope", [digits_input(np.zeros((1, 64)), True)])
     assert raised.value.status() == "404"
 
 
-def test_named_columns_with_bytes_and_bool(client: triton.InferenceServerClient, server: RunningServer) -> None:
+def test_named_columns_with_bytes_and_bool(
+    client: triton.InferenceServerClient, server: RunningServer
+) -> None:
     records = [
         {"age": 31, "tenure_months": 12, "monthly": 49.5, "plan": "pro", "region": "eu", "autopay": True},
         {"age": 52, "tenure_months": 40, "monthly": 20.0, "plan": "basic", "region": "us", "autopay": False},
@@ -237,7 +251,9 @@ def test_concurrent_binary_infers_each_get_their_own_row(
     assert status["mean_batch_rows"] > 1  # they were batched, not predicted one by one
 
 
-def test_canary_share_on_v2_traffic(server: RunningServer, demo_repo: Path, rows: np.ndarray[Any, Any]) -> None:
+def test_canary_share_on_v2_traffic(
+    server: RunningServer, demo_repo: Path, rows: np.ndarray[Any, Any]
+) -> None:
     deploy(server, action="candidate", version="v2", canary=0.25)
     try:
         n = 2000
@@ -271,10 +287,14 @@ def test_kserve_rest_client(server: RunningServer, demo_repo: Path, rows: np.nda
             assert await client.is_model_ready(server.url, "digits")
             tensor = kserve.InferInput("input-0", list(x.shape), "FP64")
             tensor.set_data_from_numpy(x, binary_data=False)
-            json_answer = await client.infer(server.url, kserve.InferRequest("digits", [tensor]), model_name="digits")
+            json_answer = await client.infer(
+                server.url, kserve.InferRequest("digits", [tensor]), model_name="digits"
+            )
             tensor = kserve.InferInput("input-0", list(x.shape), "FP64")
             tensor.set_data_from_numpy(x, binary_data=True)
-            binary_answer = await client.infer(server.url, kserve.InferRequest("digits", [tensor]), model_name="digits")
+            binary_answer = await client.infer(
+                server.url, kserve.InferRequest("digits", [tensor]), model_name="digits"
+            )
             return json_answer, binary_answer
         finally:
             await client.close()
@@ -289,7 +309,9 @@ def test_kserve_rest_client(server: RunningServer, demo_repo: Path, rows: np.nda
 # -- the wire format, byte for byte ----------------------------------------------------------------
 
 
-def post(server: RunningServer, body: bytes, headers: dict[str, str] | None = None, path: str = "digits") -> httpx.Response:
+def post(
+    server: RunningServer, body: bytes, headers: dict[str, str] | None = None, path: str = "digits"
+) -> httpx.Response:
     return httpx.post(f"{server.url}/v2/models/{path}/infer", content=body, headers=headers or {}, timeout=10)
 
 
@@ -303,7 +325,9 @@ def test_binary_response_layout_is_exact(server: RunningServer, rows: Any, demo_
     body, headers = binary_body(
         {
             "id": "exact",
-            "inputs": [{"name": "x", "shape": [2, 64], "datatype": "FP64", "parameters": {"binary_data_size": 1024}}],
+            "inputs": [
+                {"name": "x", "shape": [2, 64], "datatype": "FP64", "parameters": {"binary_data_size": 1024}}
+            ],
             "outputs": [{"name": "predict", "parameters": {"binary_data": True, "classification": 3}}],
             "parameters": {"whatever": 1},
         },
@@ -318,7 +342,9 @@ def test_binary_response_layout_is_exact(server: RunningServer, rows: Any, demo_
         "model_name": "digits",
         "model_version": "v1",
         "id": "exact",
-        "outputs": [{"name": "predict", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 16}}],
+        "outputs": [
+            {"name": "predict", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 16}}
+        ],
     }
     labels = offline(demo_repo, "digits", "v1").predict(x)
     assert response.content[length:] == labels.astype("<i8").tobytes()
@@ -332,7 +358,9 @@ def test_json_data_may_be_nested_or_flat(server: RunningServer, rows: Any, demo_
         response = post(server, json.dumps({"inputs": [tensor]}).encode())
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "application/json"
-        assert response.json()["outputs"] == [{"name": "predict", "datatype": "INT64", "shape": [2], "data": expected}]
+        assert response.json()["outputs"] == [
+            {"name": "predict", "datatype": "INT64", "shape": [2], "data": expected}
+        ]
 
 
 def test_bytes_columns_in_binary_byte_for_byte(server: RunningServer) -> None:
@@ -348,9 +376,13 @@ def test_bytes_columns_in_binary_byte_for_byte(server: RunningServer) -> None:
         ("autopay", "BOOL", b"\x01"),
     ]
     inputs = [
-        {"name": n, "shape": [1, 1], "datatype": t, "parameters": {"binary_data_size": len(b)}} for n, t, b in columns
+        {"name": n, "shape": [1, 1], "datatype": t, "parameters": {"binary_data_size": len(b)}}
+        for n, t, b in columns
     ]
-    body, headers = binary_body({"inputs": inputs, "outputs": [{"name": "predict", "parameters": {"binary_data": True}}]}, *(b for *_, b in columns))
+    body, headers = binary_body(
+        {"inputs": inputs, "outputs": [{"name": "predict", "parameters": {"binary_data": True}}]},
+        *(b for *_, b in columns),
+    )
     response = post(server, body, headers, path="churn")
     assert response.status_code == 200, response.text
     length = int(response.headers["inference-header-content-length"])
@@ -360,7 +392,16 @@ def test_bytes_columns_in_binary_byte_for_byte(server: RunningServer) -> None:
     assert struct.unpack("<I", response.content[length : length + 4])[0] == len(label)
     native = httpx.post(
         f"{server.url}/predict/churn",
-        json={"features": {"age": 31, "tenure_months": 12, "monthly": 49.5, "plan": "pro", "region": "eu", "autopay": True}},
+        json={
+            "features": {
+                "age": 31,
+                "tenure_months": 12,
+                "monthly": 49.5,
+                "plan": "pro",
+                "region": "eu",
+                "autopay": True,
+            }
+        },
     ).json()
     assert label.decode() == native["predictions"][0]
 
@@ -380,7 +421,9 @@ MALFORMED = {
     "a header that is not JSON": binary_body({"inputs": [_tensor(512)]}, ROW)[0][:-600] + ROW,
     "a wrong datatype": json.dumps({"inputs": [_tensor(datatype="BYTES", data=["a"] * 64)]}).encode(),
     "strings in a numeric tensor": json.dumps({"inputs": [_tensor(data=["1.5"] * 64)]}).encode(),
-    "floats in an integer tensor": json.dumps({"inputs": [_tensor(datatype="INT64", data=[1.5] * 64)]}).encode(),
+    "floats in an integer tensor": json.dumps(
+        {"inputs": [_tensor(datatype="INT64", data=[1.5] * 64)]}
+    ).encode(),
     "a wrong shape": json.dumps({"inputs": [_tensor(shape=[1, 63], data=[0] * 63)]}).encode(),
     "data that does not fill its shape": json.dumps({"inputs": [_tensor(data=[0] * 60)]}).encode(),
     "ragged rows": json.dumps({"inputs": [_tensor(shape=[2, 64], data=[[0] * 64, [0] * 63])]}).encode(),
@@ -407,9 +450,13 @@ def _column(name: str, datatype: str, blob: bytes) -> dict[str, Any]:
     return {"name": name, "shape": [1], "datatype": datatype, "parameters": {"binary_data_size": len(blob)}}
 
 
-CHURN_ROW = [("age", "FP64", np.array([31.0]).tobytes()), ("tenure_months", "FP64", np.array([12.0]).tobytes()),
-             ("monthly", "FP64", np.array([49.5]).tobytes()), ("region", "BYTES", struct.pack("<I", 2) + b"eu"),
-             ("autopay", "BOOL", b"\x01")]
+CHURN_ROW = [
+    ("age", "FP64", np.array([31.0]).tobytes()),
+    ("tenure_months", "FP64", np.array([12.0]).tobytes()),
+    ("monthly", "FP64", np.array([49.5]).tobytes()),
+    ("region", "BYTES", struct.pack("<I", 2) + b"eu"),
+    ("autopay", "BOOL", b"\x01"),
+]
 
 
 @pytest.mark.parametrize(
@@ -421,9 +468,17 @@ CHURN_ROW = [("age", "FP64", np.array([31.0]).tobytes()), ("tenure_months", "FP6
         (("plan", "FP64", np.array([1.0]).tobytes()), "expected a string"),
         (("plans", "BYTES", struct.pack("<I", 3) + b"pro"), "unknown input 'plans'"),
     ],
-    ids=["bytes-length-past-buffer", "bytes-left-over", "bytes-not-utf8", "wrong-datatype", "unknown-input-name"],
+    ids=[
+        "bytes-length-past-buffer",
+        "bytes-left-over",
+        "bytes-not-utf8",
+        "wrong-datatype",
+        "unknown-input-name",
+    ],
 )
-def test_malformed_column_tensors_get_400(server: RunningServer, plan: tuple[str, str, bytes], expected: str) -> None:
+def test_malformed_column_tensors_get_400(
+    server: RunningServer, plan: tuple[str, str, bytes], expected: str
+) -> None:
     columns = [*CHURN_ROW, plan]
     body, headers = binary_body({"inputs": [_column(*c) for c in columns]}, *(c[2] for c in columns))
     response = post(server, body, headers, path="churn")
@@ -449,7 +504,12 @@ def test_metrics_count_v2_answers_like_predict(server: RunningServer) -> None:
     def ok_count() -> float:
         text = httpx.get(f"{server.url}/metrics").text
         for line in text.splitlines():
-            if line.startswith('fastserve_requests_total{') and 'model="digits"' in line and 'version="v1"' in line and 'code="200"' in line:
+            if (
+                line.startswith("fastserve_requests_total{")
+                and 'model="digits"' in line
+                and 'version="v1"' in line
+                and 'code="200"' in line
+            ):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 

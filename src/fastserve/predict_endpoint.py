@@ -111,7 +111,12 @@ class NativeWire:
         return codec.decode(body, framing[0], batcher.inputs.named), None
 
     def encode(
-        self, server: Server, batcher: Batcher, answer: Answer, reply: None, framing: tuple[WireFormat, WireFormat]
+        self,
+        server: Server,
+        batcher: Batcher,
+        answer: Answer,
+        reply: None,
+        framing: tuple[WireFormat, WireFormat],
     ) -> tuple[bytes, Headers]:
         fmt = framing[1]
         payload = server.encoders[batcher.model, batcher.version].encode(answer, fmt)

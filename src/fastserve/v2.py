@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from fastserve.worker import Server
 
 # The numeric datatypes, as numpy dtypes of their little-endian binary form.
-NUMERIC = {
+NUMERIC: dict[str, np.dtype[Any]] = {
     "UINT8": np.dtype("u1"),
     "UINT16": np.dtype("<u2"),
     "UINT32": np.dtype("<u4"),
@@ -98,8 +99,11 @@ class Reply:
 _decode_request = msgspec.json.Decoder(InferRequest).decode
 _decode_any = msgspec.json.Decoder().decode
 # A numeric tensor's JSON ``data``, flat or nested a level (rows), as floats or as integers.
-_FLAT = {"f": msgspec.json.Decoder(list[float]).decode, "i": msgspec.json.Decoder(list[int]).decode}
-_NESTED = {
+_FLAT: dict[str, Callable[[Any], list[Any]]] = {
+    "f": msgspec.json.Decoder(list[float]).decode,
+    "i": msgspec.json.Decoder(list[int]).decode,
+}
+_NESTED: dict[str, Callable[[Any], list[Any]]] = {
     "f": msgspec.json.Decoder(list[list[float]]).decode,
     "i": msgspec.json.Decoder(list[list[int]]).decode,
 }
@@ -184,6 +188,7 @@ def _has_zlib_header(body: bytes) -> bool:
 def split(body: bytes, header_length: int | None) -> tuple[InferRequest, list[memoryview | msgspec.Raw]]:
     """The JSON header and each input's data: its binary bytes (a ``memoryview``), or its JSON
     ``data`` still undecoded."""
+    header: bytes | memoryview
     if header_length is None:
         header, binary = body, memoryview(b"")
     else:
@@ -258,7 +263,9 @@ def to_request(
     tensor = inputs[0]
     rows = _rows(tensor, tensors[0], schema.n_features)
     if isinstance(rows, bytes):
-        return PredictRequest(instances=rows, shape=(tensor.shape[0], schema.n_features), outputs=wanted), reply
+        return PredictRequest(
+            instances=rows, shape=(tensor.shape[0], schema.n_features), outputs=wanted
+        ), reply
     return PredictRequest(instances=rows, outputs=wanted), reply
 
 
