@@ -272,6 +272,24 @@ def test_canary_share_on_v2_traffic(
     assert abs(versions["v2"] - n * 0.25) < 4.5 * math.sqrt(n * 0.25 * 0.75), versions
 
 
+def test_a_routing_key_keeps_its_version_on_v2(server: RunningServer, rows: np.ndarray[Any, Any]) -> None:
+    deploy(server, action="candidate", version="v2", canary=0.5)
+    try:
+        with triton.InferenceServerClient(server.url.removeprefix("http://")) as client:
+            seen: dict[str, set[str]] = {}
+            for i in range(60):
+                key = f"user-{i % 20}"
+                result = client.infer(
+                    "digits", [digits_input(rows[i : i + 1], True)], headers={"X-Routing-Key": key}
+                )
+                seen.setdefault(key, set()).add(result.get_response()["model_version"])
+    finally:
+        deploy(server, action="clear_candidate")
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    # Half the keys on each side: all 20 on one would be a 2**-19 chance.
+    assert {v for versions in seen.values() for v in versions} == {"v1", "v2"}
+
+
 # -- KServe's client -------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 
 from fastserve.codec import PredictRequest, TabularRequest
-from fastserve.errors import BodyTooLarge, FastServeError, MalformedBody, UnsupportedMediaType
+from fastserve.errors import BodyTooLarge, FastServeError, MalformedBody, UnknownOutput, UnsupportedMediaType
 from fastserve.outputs import OUTPUTS
 from fastserve.schema import Column, InputSchema, Kind
 
@@ -289,7 +289,7 @@ def _outputs(request: InferRequest, known: tuple[str, ...]) -> tuple[Reply, list
     for output in request.outputs:
         if output.name not in known:
             have = ", ".join(name for name in OUTPUTS if name in known)
-            raise MalformedBody(f"no output {output.name!r} for this version; it has {have}")
+            raise UnknownOutput(f"no output {output.name!r} for this version; it has {have}")
         binary = (output.parameters or {}).get("binary_data", all_binary)
         chosen.append((output.name, binary is True))
     names = [name for name, _ in chosen]
