@@ -25,6 +25,7 @@ import tritonclient.http as triton
 from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
+import fastserve
 from fastserve.repository import TRUSTED_TYPES
 
 from conftest import RunningServer, free_port, running, serve_command, server_env
@@ -85,6 +86,7 @@ def test_health_and_metadata_through_tritonclient(client: triton.InferenceServer
 
     meta = client.get_server_metadata()
     assert meta["name"] == "fastserve" and "binary_tensor_data" in meta["extensions"]
+    assert meta["version"] == fastserve.__version__
 
     model = client.get_model_metadata("digits")
     assert model["name"] == "digits" and sorted(model["versions"]) == ["v1", "v2"]

@@ -10,6 +10,7 @@ Every V2 error is ``{"error": "<message>"}`` in ``application/json``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version as _package_version
 from typing import Any
 
 from starlette.requests import Request
@@ -17,7 +18,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from fastserve import __version__
 from fastserve.errors import FastServeError, NotReady, UnknownModel, UnknownVersion
 from fastserve.predict_endpoint import PredictEndpoint
 from fastserve.v2 import V2Wire, encode_json, error_response, input_metadata, output_metadata
@@ -27,6 +27,9 @@ _MODELS = "/v2/models/"
 # The protocol's extensions this server speaks (the server metadata lists them).
 EXTENSIONS = ("binary_tensor_data",)
 PLATFORM = "sklearn"
+# From the installed package's metadata, not ``fastserve.__version__``: the package's
+# ``__init__`` leads to the app, which leads here (the import graph stays a DAG).
+VERSION = _package_version("fastserve")
 
 
 class V2Infer:
@@ -74,7 +77,7 @@ def v2_routes(server: Server, predict: PredictEndpoint) -> list[Route]:
     infer = V2Infer(predict)
 
     def server_metadata(_request: Request) -> dict[str, Any]:
-        return {"name": "fastserve", "version": __version__, "extensions": list(EXTENSIONS)}
+        return {"name": "fastserve", "version": VERSION, "extensions": list(EXTENSIONS)}
 
     def live(_request: Request) -> dict[str, Any]:
         return {"live": True}
