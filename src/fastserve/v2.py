@@ -29,7 +29,7 @@ import numpy as np
 from fastserve.codec import PredictRequest, TabularRequest
 from fastserve.errors import BodyTooLarge, FastServeError, MalformedBody, UnknownOutput, UnsupportedMediaType
 from fastserve.outputs import OUTPUTS
-from fastserve.schema import Column, InputSchema, Kind
+from fastserve.schema import InputSchema
 
 if TYPE_CHECKING:
     from fastserve.batcher import Answer, Batcher
@@ -449,7 +449,7 @@ def encode_response(model: str, version: str, answer: Answer, reply: Reply) -> t
         values = answer[name] if isinstance(answer, dict) else answer
         datatype = _datatype(values)
         if binary or datatype is None:  # a row of values a row (probabilities), or in binary
-            datatype, shape, array = _tensor_of(values)
+            datatype, shape, array = tensor_of(values)
             data: Any = array.reshape(-1).tolist()
         else:  # a value a row, in JSON: as the batch gave it, no array
             shape, data = [len(values)], values
@@ -485,7 +485,7 @@ def _datatype(values: list[Any]) -> str | None:
     return _SCALARS.get(type(values[0])) if values else None
 
 
-def _tensor_of(values: list[Any]) -> tuple[str, list[int], np.ndarray[Any, Any]]:
+def tensor_of(values: list[Any]) -> tuple[str, list[int], np.ndarray[Any, Any]]:
     """An output's datatype, shape and values: INT64 labels, FP64 scores, BYTES for strings."""
     array = np.asarray(values)
     kind = array.dtype.kind
@@ -496,39 +496,3 @@ def _tensor_of(values: list[Any]) -> tuple[str, list[int], np.ndarray[Any, Any]]
     if kind == "f":
         return "FP64", list(array.shape), array.astype(_FLOAT64, copy=False)
     return BYTES, list(array.shape), array
-
-
-# -- metadata --------------------------------------------------------------------------------------
-
-
-def input_metadata(schema: InputSchema) -> list[dict[str, Any]]:
-    """The inputs a version takes, as V2 tensor metadata (-1 for the batch dimension)."""
-    if not schema.named:
-        return [{"name": "input-0", "datatype": "FP64", "shape": [-1, schema.n_features]}]
-    return [{"name": c.name, "datatype": _column_datatype(c), "shape": [-1]} for c in schema.columns]
-
-
-def _column_datatype(column: Column) -> str:
-    if column.kind is Kind.BOOL:
-        return BOOL
-    if column.kind is Kind.NUMBER:
-        return "FP64"
-    categories = column.categories or ()
-    if categories and all(isinstance(c, int | float) and not isinstance(c, bool) for c in categories):
-        return "FP64"
-    return BYTES
-
-
-def output_metadata(outputs: tuple[str, ...], classes: list[Any] | None) -> list[dict[str, Any]]:
-    """The outputs a version has: predict as labels (or numbers), the others as FP64 scores."""
-    described = []
-    n_classes = len(classes) if classes is not None else 0
-    for name in outputs:
-        if name == "predict":
-            datatype = _tensor_of(classes[:1])[0] if classes else "FP64"
-            described.append({"name": name, "datatype": datatype, "shape": [-1]})
-        elif name == "decision_function" and n_classes <= 2:
-            described.append({"name": name, "datatype": "FP64", "shape": [-1]})
-        else:
-            described.append({"name": name, "datatype": "FP64", "shape": [-1, n_classes or -1]})
-    return described

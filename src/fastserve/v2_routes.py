@@ -4,7 +4,8 @@ Infer is ``predict_endpoint``'s hot path with the V2 wire format (``v2.V2Wire``)
 no version is routed by the model's aliases exactly as ``POST /predict/{model}`` (stable,
 canary share, shadow copy, ``X-Routing-Key``), one with a version is pinned. ``app.PredictFirst``
 sends it there without Starlette, like ``/predict``; the other routes go through Starlette.
-Every V2 error is ``{"error": "<message>"}`` in ``application/json``.
+Every V2 error is ``{"error": "<message>"}`` in ``application/json``. A version's metadata
+describes its input schema and outputs as V2 tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from starlette.types import Receive, Scope, Send
 
 from fastserve.errors import FastServeError, NotReady, UnknownModel, UnknownVersion
 from fastserve.predict_endpoint import PredictEndpoint
-from fastserve.v2 import V2Wire, encode_json, error_response, input_metadata, output_metadata
+from fastserve.schema import Column, InputSchema, Kind
+from fastserve.v2 import BOOL, BYTES, V2Wire, encode_json, error_response, tensor_of
 from fastserve.worker import Server
 
 _MODELS = "/v2/models/"
@@ -139,3 +141,36 @@ def _metadata(server: Server, name: str, version: str | None) -> dict[str, Any]:
         "inputs": input_metadata(loaded.schema),
         "outputs": output_metadata(outputs, loaded.classes),
     }
+
+
+def input_metadata(schema: InputSchema) -> list[dict[str, Any]]:
+    """The inputs a version takes, as V2 tensor metadata (-1 for the batch dimension)."""
+    if not schema.named:
+        return [{"name": "input-0", "datatype": "FP64", "shape": [-1, schema.n_features]}]
+    return [{"name": c.name, "datatype": _column_datatype(c), "shape": [-1]} for c in schema.columns]
+
+
+def _column_datatype(column: Column) -> str:
+    if column.kind is Kind.BOOL:
+        return BOOL
+    if column.kind is Kind.NUMBER:
+        return "FP64"
+    categories = column.categories or ()
+    if categories and all(isinstance(c, int | float) and not isinstance(c, bool) for c in categories):
+        return "FP64"
+    return BYTES
+
+
+def output_metadata(outputs: tuple[str, ...], classes: list[Any] | None) -> list[dict[str, Any]]:
+    """The outputs a version has: predict as labels (or numbers), the others as FP64 scores."""
+    described = []
+    n_classes = len(classes) if classes is not None else 0
+    for name in outputs:
+        if name == "predict":
+            datatype = tensor_of(classes[:1])[0] if classes else "FP64"
+            described.append({"name": name, "datatype": datatype, "shape": [-1]})
+        elif name == "decision_function" and n_classes <= 2:
+            described.append({"name": name, "datatype": "FP64", "shape": [-1]})
+        else:
+            described.append({"name": name, "datatype": "FP64", "shape": [-1, n_classes or -1]})
+    return described
