@@ -10,6 +10,7 @@ import gzip
 import json
 import math
 import struct
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ from tritonclient.utils import InferenceServerException
 import fastserve
 from fastserve.repository import TRUSTED_TYPES
 
-from conftest import RunningServer, free_port, running, serve_command, server_env
+from conftest import RunningServer, free_port, running, serve_command, server_env, write_joblib_model
+from fake_models import SleepyModel
 
 pytestmark = pytest.mark.e2e
 
@@ -306,6 +308,56 @@ def test_a_routing_key_keeps_its_version_on_v2(server: RunningServer, rows: np.n
     assert {v for versions in seen.values() for v in versions} == {"v1", "v2"}
 
 
+def test_shadow_copies_v2_traffic_and_stable_answers(
+    server: RunningServer, rows: np.ndarray[Any, Any]
+) -> None:
+    def mirrored() -> int:
+        outcomes = httpx.get(f"{server.url}/status").json()["models"]["digits"]["shadow_outcomes"]
+        return sum(outcomes.get("v2", {}).values())
+
+    before = mirrored()
+    deploy(server, action="candidate", version="v2", shadow=True)
+    try:
+        with triton.InferenceServerClient(server.url.removeprefix("http://")) as client:
+            versions = {
+                client.infer("digits", [digits_input(rows[i : i + 1], True)]).get_response()["model_version"]
+                for i in range(30)
+            }
+        deadline = time.monotonic() + 10
+        while mirrored() < before + 30:
+            assert time.monotonic() < deadline, "the shadow copies were not counted"
+            time.sleep(0.1)
+    finally:
+        deploy(server, action="clear_candidate")
+    assert versions == {"v1"}  # stable answers; v2 only sees copies
+
+
+def test_a_full_queue_and_a_queue_deadline_answer_in_v2(serve: Any, tmp_path: Path) -> None:
+    write_joblib_model(tmp_path, "slow", "v1", SleepyModel(4, delay_s=1.0))
+    server = serve(tmp_path, trusted_repository=1, max_queue_depth=1, max_batch_rows=1, queue_timeout_ms=500)
+    url = server.url + "/v2/models/slow/infer"
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT32", "data": [7, 0, 0, 0]}]})
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            in_predict = asyncio.create_task(client.post(url, content=body))  # predicts for 1 s
+            await asyncio.sleep(0.3)
+            queued = asyncio.create_task(client.post(url, content=body))  # waits past 500 ms: 504
+            await asyncio.sleep(0.2)
+            refused = await client.post(url, content=body)  # the queue of one row is full: 429
+            return [await in_predict, await queued, refused]
+
+    answered, expired, refused = asyncio.run(scenario())
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["outputs"][0]["data"] == [7]
+    for response, status in ((expired, 504), (refused, 429)):
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert list(response.json()) == ["error"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.elapsed.total_seconds() < 0.5  # refused at once, not after the predict
+
+
 # -- KServe's client -------------------------------------------------------------------------------
 
 
@@ -551,8 +603,6 @@ def test_metrics_count_v2_answers_like_predict(server: RunningServer) -> None:
     body = json.dumps({"inputs": [_tensor(data=[0] * 64)]}).encode()
     for _ in range(3):
         assert post(server, body).status_code == 200
-    import time
-
     deadline = time.monotonic() + 10
     while ok_count() < before + 3:
         assert time.monotonic() < deadline, "the V2 answers were not counted"
