@@ -492,6 +492,34 @@ def test_bytes_columns_in_binary_byte_for_byte(server: RunningServer) -> None:
     assert label.decode() == native["predictions"][0]
 
 
+def test_json_columns_as_n_by_1_are_inferred_from_their_names(server: RunningServer) -> None:
+    records = [
+        {"age": 31, "tenure_months": 12, "monthly": 49.5, "plan": "pro", "region": "eu", "autopay": True},
+        {"age": 52, "tenure_months": 40, "monthly": 20.0, "plan": "basic", "region": "us", "autopay": False},
+    ]
+    datatypes = {
+        "age": "INT64",
+        "tenure_months": "INT64",
+        "monthly": "FP32",
+        "plan": "BYTES",
+        "region": "BYTES",
+    }
+    inputs = [
+        {
+            "name": name,
+            "shape": [2, 1],
+            "datatype": datatypes.get(name, "BOOL"),
+            "data": [[r[name]] for r in records],
+        }
+        for name in records[0]
+    ]
+    response = post(server, json.dumps({"inputs": inputs}).encode(), path="churn")  # no content_type
+    assert response.status_code == 200, response.text
+    native = httpx.post(f"{server.url}/predict/churn", json={"instances": records}).json()
+    (output,) = response.json()["outputs"]
+    assert output == {"name": "predict", "datatype": "BYTES", "shape": [2], "data": native["predictions"]}
+
+
 def _tensor(size: int | None = None, **fields: Any) -> dict[str, Any]:
     tensor: dict[str, Any] = {"name": "x", "shape": [1, 64], "datatype": "FP64"}
     if size is not None:
