@@ -42,40 +42,6 @@ _CONTENT_TYPE = {fmt: fmt.value.encode() for fmt in WireFormat}
 Headers = list[tuple[bytes, bytes]]
 
 
-class RequestHeaders:
-    """The request headers the hot path reads, from one pass over them."""
-
-    __slots__ = (
-        "content_type",
-        "content_length",
-        "accept",
-        "request_id",
-        "routing_key",
-        "content_encoding",
-        "inference_header_length",
-    )
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self.content_type = self.accept = self.request_id = self.routing_key = None
-        self.content_encoding = self.inference_header_length = None
-        self.content_length = -1
-        for name, value in raw:
-            if name == b"content-type":
-                self.content_type = value
-            elif name == b"content-length":
-                self.content_length = int(value) if value.isdigit() else -1
-            elif name == b"accept":
-                self.accept = value
-            elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-                self.request_id = value
-            elif name == b"x-routing-key":
-                self.routing_key = value
-            elif name == b"content-encoding":
-                self.content_encoding = value
-            elif name == b"inference-header-content-length":
-                self.inference_header_length = value
-
-
 class Wire(Protocol):
     """How one wire format reads requests and writes answers; the hot path does the rest.
 
@@ -83,7 +49,15 @@ class Wire(Protocol):
     each later call; ``reply`` is what ``decode`` kept of the body for ``encode``.
     """
 
-    def begin(self, headers: RequestHeaders) -> Any: ...
+    def begin(
+        self,
+        content_type: bytes | None,
+        accept: bytes | None,
+        content_encoding: bytes | None,
+        inference_header_length: bytes | None,
+    ) -> Any:
+        """The request's framing from its headers; each wire format reads the ones it has."""
+        ...
 
     def decode(
         self, body: bytes, framing: Any, batcher: Batcher, max_body_bytes: int
@@ -101,9 +75,15 @@ class Wire(Protocol):
 class NativeWire:
     """``POST /predict``'s JSON and MessagePack; ``framing`` is (request format, answer format)."""
 
-    def begin(self, headers: RequestHeaders) -> tuple[WireFormat, WireFormat]:
-        in_format = codec.request_format(headers.content_type)
-        return in_format, codec.response_format(headers.accept, in_format)
+    def begin(
+        self,
+        content_type: bytes | None,
+        accept: bytes | None,
+        content_encoding: bytes | None,
+        inference_header_length: bytes | None,
+    ) -> tuple[WireFormat, WireFormat]:
+        in_format = codec.request_format(content_type)
+        return in_format, codec.response_format(accept, in_format)
 
     def decode(
         self, body: bytes, framing: tuple[WireFormat, WireFormat], batcher: Batcher, max_body_bytes: int
@@ -134,22 +114,35 @@ NATIVE = NativeWire()
 
 
 class PredictEndpoint:
-    """``POST /predict/{model}`` and ``/predict/{model}/versions/{version}``, as raw ASGI; ``serve``
-    is the same path for another wire format."""
+    """``POST /predict/{model}`` and ``/predict/{model}/versions/{version}``, as raw ASGI; called
+    with a ``Wire``, the same path for another wire format."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         # One set of body deadlines (one sweep timer) for every wire format.
         self._bodies = BodyDeadlines()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.serve(scope, receive, send, NATIVE)
-
-    async def serve(self, scope: Scope, receive: Receive, send: Send, wire: Wire) -> None:
-        """Answer one predict request whose body and answer are in ``wire``'s format."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, wire: Wire = NATIVE) -> None:
+        """Answer one predict request whose body and answer are in ``wire``'s format (an ASGI
+        call is ``/predict``'s own; the wire is a parameter, not a second call, on the hot path)."""
         started = time.perf_counter()
-        headers = RequestHeaders(scope["headers"])
-        request_id = headers.request_id
+        content_type = accept = request_id = routing_key = content_encoding = header_length = None
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+            elif name == b"accept":
+                accept = value
+            elif name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+                request_id = value
+            elif name == b"x-routing-key":
+                routing_key = value
+            elif name == b"content-encoding":
+                content_encoding = value
+            elif name == b"inference-header-content-length":
+                header_length = value
         if request_id is None:
             request_id = b"%s-%x" % (_ID_PREFIX, next(_request_ids))
 
@@ -157,12 +150,12 @@ class PredictEndpoint:
         params = scope["path_params"]
         chosen = ""  # the version that answers, once routing has chosen it
         try:
-            framing = wire.begin(headers)
+            framing = wire.begin(content_type, accept, content_encoding, header_length)
             server = self.server
             server.check_serving()
             version = params.get("version")
             if version is None:
-                batcher, mirror = server.router.route(params["model"], headers.routing_key)
+                batcher, mirror = server.router.route(params["model"], routing_key)
             else:
                 batcher, mirror = server.router.pinned(params["model"], version), None
             chosen = batcher.version
@@ -173,7 +166,7 @@ class PredictEndpoint:
                 return
             limits = server.models[batcher.model].limits
             body = await self._bodies.read(
-                receive, headers.content_length, limits.max_body_bytes, limits.body_timeout_ms
+                receive, content_length, limits.max_body_bytes, limits.body_timeout_ms
             )
             request, reply = wire.decode(body, framing, batcher, limits.max_body_bytes)
             n_rows = request.n_rows

@@ -33,7 +33,7 @@ from fastserve.schema import InputSchema
 
 if TYPE_CHECKING:
     from fastserve.batcher import Answer, Batcher
-    from fastserve.predict_endpoint import Headers, RequestHeaders
+    from fastserve.predict_endpoint import Headers
     from fastserve.worker import Server
 
 # The numeric datatypes, as numpy dtypes of their little-endian binary form.
@@ -118,8 +118,14 @@ class V2Wire:
     ignored: tritonclient sends none, or ``application/octet-stream`` from its asyncio client.
     """
 
-    def begin(self, headers: RequestHeaders) -> tuple[int | None, int | None]:
-        encoding = headers.content_encoding
+    def begin(
+        self,
+        content_type: bytes | None,
+        accept: bytes | None,
+        content_encoding: bytes | None,
+        inference_header_length: bytes | None,
+    ) -> tuple[int | None, int | None]:
+        encoding = content_encoding
         wbits = None
         if encoding is not None:
             name = encoding.strip().lower()
@@ -129,7 +135,7 @@ class V2Wire:
                 wbits = _ZLIB
             elif name != b"identity":
                 raise UnsupportedMediaType("Content-Encoding must be gzip, deflate or identity")
-        length = headers.inference_header_length
+        length = inference_header_length
         if length is None:
             return wbits, None
         if not length.strip().isdigit():

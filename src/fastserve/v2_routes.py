@@ -42,7 +42,7 @@ class V2Infer:
         self._wire = V2Wire()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._predict.serve(scope, receive, send, self._wire)
+        await self._predict(scope, receive, send, self._wire)
 
 
 def infer_params(path: str) -> dict[str, str] | None:
