@@ -21,6 +21,7 @@ from fastserve.body import BodyDeadlines, DrainUnread
 from fastserve.config import Settings
 from fastserve.ops_routes import EXCEPTION_HANDLERS, ops_routes
 from fastserve.predict_endpoint import PredictEndpoint
+from fastserve.v2_routes import V2Infer, infer_params, v2_routes
 from fastserve.worker import Server
 
 _PREDICT = "/predict/"
@@ -41,6 +42,7 @@ class PredictFirst:
         self.state = starlette.state
         self._predict = predict
         self._others = others or starlette
+        self._v2_infer = V2Infer(predict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(_PREDICT):
@@ -51,6 +53,12 @@ class PredictFirst:
             if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
                 scope["path_params"] = {"model": parts[0], "version": parts[2]}
                 return await self._predict(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            # The Open Inference Protocol's infer: the same hot path, the same reasons (v2_routes).
+            params = infer_params(scope["path"])
+            if params is not None:
+                scope["path_params"] = params
+                return await self._v2_infer(scope, receive, send)
         await self._others(scope, receive, send)
 
 
@@ -63,6 +71,7 @@ def create_app(settings: Settings | None = None) -> PredictFirst:
             Route("/predict/{model}", predict, methods=["POST"]),
             Route("/predict/{model}/versions/{version}", predict, methods=["POST"]),
             *ops_routes(server),
+            *v2_routes(server, predict),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=server.lifespan,
