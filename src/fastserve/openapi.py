@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 
-from fastserve import __version__
 from fastserve.actions import Action, Deployment
 from fastserve.errors import (
     BadFeatures,
@@ -38,6 +37,7 @@ from fastserve.errors import (
     UnsupportedMediaType,
     VersionNotReady,
 )
+from fastserve.version import __version__
 
 _REF = "#/components/schemas/{name}"
 _MEDIA_TYPES = ("application/json", "application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -234,6 +234,126 @@ def _get(
     return {"get": operation}
 
 
+# The Open Inference Protocol (KServe V2): its errors are {"error": "<message>"}, and it has no
+# 422 (v2.V2Wire answers those 400).
+_V2_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+_V2_TENSOR: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": -1}},
+        "datatype": {"type": "string"},
+        "parameters": _OBJECT,
+        "data": {"type": "array"},
+    },
+}
+_V2_INFER_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["inputs"],
+    "description": "JSON, or with the binary tensor extension a JSON header of "
+    "Inference-Header-Content-Length bytes followed by the tensors' bytes",
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": _OBJECT,
+        "inputs": {"type": "array", "items": _V2_TENSOR},
+        "outputs": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        },
+    },
+}
+_V2_INFER_RESPONSE: dict[str, Any] = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": _V2_TENSOR},
+    },
+}
+
+
+def _v2_errors(classes: tuple[type[FastServeError], ...]) -> dict[str, Any]:
+    statuses = sorted({400 if cls.status == 422 else cls.status for cls in classes})
+    return {
+        str(status): {
+            "description": "an error",
+            "content": {"application/json": {"schema": _V2_ERROR}},
+            **(
+                {"headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}}
+                if status == QueueFull.status
+                else {}
+            ),
+        }
+        for status in statuses
+    }
+
+
+def _v2_get(summary: str, errors: tuple[type[FastServeError], ...], *params: str) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {"200": _json(_OBJECT, summary), **_v2_errors(errors)},
+    }
+    if params:
+        operation["parameters"] = _path_params(*params)
+    return {"get": operation}
+
+
+def _v2_infer(summary: str, *params: str) -> dict[str, Any]:
+    errors = _PREDICT_ERRORS + ((UnknownVersion,) if "version" in params else ())
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": [
+                *_path_params(*params),
+                {
+                    "name": "Inference-Header-Content-Length",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _V2_INFER_REQUEST}},
+            },
+            "responses": {
+                "200": {
+                    "description": "the outputs; binary ones follow the JSON, whose length is in "
+                    "Inference-Header-Content-Length",
+                    "content": {
+                        "application/json": {"schema": _V2_INFER_RESPONSE},
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                **_v2_errors(errors),
+            },
+        }
+    }
+
+
+def _v2_paths() -> dict[str, Any]:
+    unknown = (UnknownModel, FastServeError, NotReady)
+    pinned = (*unknown, UnknownVersion)
+    return {
+        "/v2": _v2_get("V2 server metadata", (FastServeError,)),
+        "/v2/health/live": _v2_get("V2 liveness", (FastServeError,)),
+        "/v2/health/ready": _v2_get("V2 readiness", (FastServeError, NotReady, Draining)),
+        "/v2/models/{model}": _v2_get("V2 model metadata", unknown, "model"),
+        "/v2/models/{model}/versions/{version}": _v2_get("V2 version metadata", pinned, "model", "version"),
+        "/v2/models/{model}/ready": _v2_get("V2 model readiness", unknown, "model"),
+        "/v2/models/{model}/versions/{version}/ready": _v2_get(
+            "V2 version readiness", pinned, "model", "version"
+        ),
+        "/v2/models/{model}/infer": _v2_infer("V2 infer, routed as POST /predict/{model}", "model"),
+        "/v2/models/{model}/versions/{version}/infer": _v2_infer(
+            "V2 infer from one pinned version", "model", "version"
+        ),
+    }
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document of fastserve's routes."""
     (action, deployment), components = msgspec.json.schema_components([Action, Deployment], ref_template=_REF)
@@ -284,6 +404,7 @@ def document() -> dict[str, Any]:
             "version",
         ),
         "/openapi.json": _get("This document", _json(_OBJECT, "the OpenAPI document"), _OPS_ERRORS),
+        **_v2_paths(),
     }
     return {
         "openapi": "3.1.0",

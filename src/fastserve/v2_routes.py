@@ -11,7 +11,6 @@ describes its input schema and outputs as V2 tensors.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from importlib.metadata import version as _package_version
 from typing import Any
 
 from starlette.requests import Request
@@ -23,15 +22,14 @@ from fastserve.errors import FastServeError, NotReady, UnknownModel, UnknownVers
 from fastserve.predict_endpoint import PredictEndpoint
 from fastserve.schema import Column, InputSchema, Kind
 from fastserve.v2 import BOOL, BYTES, V2Wire, encode_json, error_response, tensor_of
+from fastserve.version import __version__
 from fastserve.worker import Server
 
 _MODELS = "/v2/models/"
 # The protocol's extensions this server speaks (the server metadata lists them).
 EXTENSIONS = ("binary_tensor_data",)
 PLATFORM = "sklearn"
-# From the installed package's metadata, not ``fastserve.__version__``: the package's
-# ``__init__`` leads to the app, which leads here (the import graph stays a DAG).
-VERSION = _package_version("fastserve")
+VERSION = __version__
 
 
 class V2Infer:
