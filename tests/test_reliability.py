@@ -167,16 +167,18 @@ def test_a_body_too_large_to_drain_gets_its_413_and_a_clean_close(serve: Any, tm
     assert re.search(rb"(?i)\r\nconnection: close\r\n", answer)
 
 
-@pytest.mark.parametrize("path", ["/predict/echo", "/status"])
+@pytest.mark.parametrize("path", ["/predict/echo", "/status", "/deploy/echo"])
 def test_a_body_that_stops_short_on_a_half_closed_connection_is_answered(
     serve: Any, tmp_path: Path, path: str
 ) -> None:
     # Found by tests/test_wire.py: the client said 28 bytes, sent 18 and closed its side; the
-    # request was dropped and Granian answered 500 in its place.
-    server = serve(_hold_repo(tmp_path, "echo"), trusted_repository=1)
+    # request was dropped and Granian answered 500 in its place (/deploy: Starlette's 500).
+    token = "test-admin-token-0123456789"
+    server = serve(_hold_repo(tmp_path, "echo"), trusted_repository=1, admin_token=token)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        method = "POST" if path.startswith("/predict") else "GET"
+        method = "GET" if path == "/status" else "POST"
         head = f"{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n".encode()
+        head += f"authorization: Bearer {token}\r\n".encode()
         sock.sendall(head + b"content-length: 28\r\n\r\n" + _row(4))
         sock.shutdown(socket.SHUT_WR)
         answer = b""

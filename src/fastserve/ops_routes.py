@@ -21,9 +21,16 @@ from starlette.routing import Route
 
 from fastserve import codec
 from fastserve.actions import decode_action
-from fastserve.body import receive_body
+from fastserve.body import ClientGone, receive_body
 from fastserve.codec import WireFormat
-from fastserve.errors import FastServeError, MethodNotAllowed, UnknownModel, UnknownRoute, UnknownVersion
+from fastserve.errors import (
+    FastServeError,
+    MalformedBody,
+    MethodNotAllowed,
+    UnknownModel,
+    UnknownRoute,
+    UnknownVersion,
+)
 from fastserve.metrics import CONTENT_TYPE
 from fastserve.openapi import document
 from fastserve.queue import COMPILED
@@ -111,6 +118,14 @@ async def _on_fastserve_error(_request: Request, exc: Exception) -> Response:
     return _error_response(exc)
 
 
+async def _on_body_cut_short(_request: Request, _exc: Exception) -> Response:
+    # The body ended before its Content-Length (the client half-closed, or left): answered for
+    # one that still reads, as the predict route does, and the connection closes.
+    return _error_response(
+        MalformedBody("the body ended before it was complete", headers={"connection": "close"})
+    )
+
+
 async def _on_unexpected(_request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error", exc_info=exc)
     return _error_response(FastServeError("internal error"))
@@ -120,6 +135,7 @@ async def _on_unexpected(_request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     HTTPException: _on_http_error,
     FastServeError: _on_fastserve_error,
+    ClientGone: _on_body_cut_short,
     Exception: _on_unexpected,
 }
 
