@@ -6,6 +6,11 @@ JSON ``data`` and with it in binary (``Inference-Header-Content-Length``, the ou
 in binary too). Same server process for all three, runs alternated, wrk at 64 connections.
 Issue 17's target: both V2 forms at least 85% of the native route's RPS.
 
+Then, in the same run, MLServer's V2 endpoint on the same fitted forest (its scikit-learn
+runtime, adaptive batching on: 64 rows, 2 ms) with the same V2 JSON body, where its
+environment is installed (``python -m bench.peers install mlserver``). Issue 17's target:
+fastserve's V2 at least 5x MLServer's.
+
     python -m bench.v2                 # 10 s a run, each form twice
     python -m bench.v2 --smoke         # CI: 1 s runs
 """
@@ -13,18 +18,22 @@ Issue 17's target: both V2 forms at least 85% of the native route's RPS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from bench import models, servers
+from bench import models, peers, servers
 from bench.harness import RESULTS_DIR, HarnessError, Server, http_post, measure, require_wrk, serving
 from bench.machine import calibrate, wait_for_quiet
 from bench.report import calibration_note, cpu_column, machine_header, start_session, table
 
 NATIVE, V2_JSON, V2_BINARY = "native JSON", "V2 JSON", "V2 binary"
+MLSERVER = "mlserver"
 TARGET = 0.85  # V2's RPS over the native route's (issue 17)
+PEER_TARGET = 5.0  # fastserve's V2 RPS over MLServer's V2 (issue 17)
 
 
 def write_bodies(work: Path) -> dict[str, tuple[str, Path, dict[str, str] | None]]:
@@ -98,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         server, proc, args.connections, args.duration, body, args.warmup, headers
                     )
                     runs.append(recorder.add({"kind": "http", "suite": "v2", "form": form, **result}))
+        peer = _mlserver_runs(args, forms[V2_JSON][1], work, recorder, reference_ms)
     except (HarnessError, subprocess.SubprocessError, OSError) as exc:
         recorder.add({"kind": "error", "error": str(exc)})
         print(f"bench.v2: FAILED: {exc}", file=sys.stderr)
@@ -124,13 +134,55 @@ def main(argv: list[str] | None = None) -> int:
                 ("form", "RPS", "vs native", f"≥ {TARGET:.0%} of native", "CPU % server / wrk / others"), rows
             ),
             "",
-            calibration_note(runs),  # type: ignore[arg-type]
+            _peer_line(peer, best),
+            "",
+            calibration_note(runs + peer),  # type: ignore[arg-type]
         ]
     )
     (args.out / f"v2-{stamp}.md").write_text(report + "\n")
     print(report)
     print(f"JSON lines: {recorder.path}")
     return 0
+
+
+def _mlserver_runs(
+    args: argparse.Namespace, body: Path, work: Path, recorder: Any, reference_ms: float
+) -> list[dict[str, object]]:
+    """MLServer's V2 endpoint on the same forest, the V2 JSON body; nothing where it is not installed."""
+    if peers.executable(MLSERVER, "mlserver") is None:
+        recorder.add({"kind": "skipped", "server": MLSERVER, "reason": peers.missing(MLSERVER)})
+        return []
+    forest = models.load(models.model_path("rf300"))
+    repository = servers.write_mlserver_repository(work / "mlserver-repository", {"digits": forest})
+    server = dataclasses.replace(
+        servers.mlserver(repository, "digits"),
+        predict_path="/v2/models/digits/infer",
+        stats_file=repository / "digits.stats",
+    )
+    runs = []
+    with serving(server, work) as proc:
+        _check(server, server.predict_path, body, None)
+        for _ in range(args.rounds):
+            wait_for_quiet(args.quiet_wait, reference_ms)
+            result = measure(server, proc, args.connections, args.duration, body, args.warmup)
+            runs.append(
+                recorder.add({"kind": "http", "suite": "v2", "form": f"{MLSERVER} V2 JSON", **result})
+            )
+    return runs
+
+
+def _peer_line(peer: list[dict[str, object]], best: dict[str, float]) -> str:
+    if not peer:
+        return f"MLServer: not measured, {peers.missing(MLSERVER)}."
+    rps = max(float(r["rps"]) for r in peer)  # type: ignore[arg-type]
+    ratio = min(best[V2_JSON], best[V2_BINARY]) / rps if rps else float("inf")
+    verdict = "met" if ratio >= PEER_TARGET else "missed"
+    versions = ", ".join(f"{k} {v}" for k, v in peers.versions(MLSERVER).items())
+    return (
+        f"MLServer's V2 endpoint, same forest, V2 JSON, adaptive batching (64 rows, 2 ms), {versions}: "
+        f"{rps:,.0f} RPS (best of {len(peer)}); fastserve's slower V2 form is {ratio:.1f}x it "
+        f"(≥ {PEER_TARGET:.0f}x: {verdict})."
+    )
 
 
 if __name__ == "__main__":

@@ -144,11 +144,15 @@ def test_tabular_checks_and_measures_fastserve_mlserver_and_the_churn_ceiling(tm
     assert list(tmp_path.glob("tabular-*.md"))
 
 
-def test_v2_measures_the_native_route_and_both_v2_forms(tmp_path: Path) -> None:
+def test_v2_measures_the_native_route_both_v2_forms_and_mlservers_v2(tmp_path: Path) -> None:
+    try:  # reused from the tabular test's run
+        peers.install("mlserver")
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"could not make MLServer's environment (python -m bench.peers install mlserver): {exc}")
     records = _run_bench("bench.v2", tmp_path)
     assert not [r for r in records if r["kind"] in ("error", "skipped")], records
     runs = {r["form"]: r for r in records if r["kind"] == "http"}
-    assert set(runs) == {"native JSON", "V2 JSON", "V2 binary"}
+    assert set(runs) == {"native JSON", "V2 JSON", "V2 binary", "mlserver V2 JSON"}
     for form, run in runs.items():
         # Every request answered 200: a V2 body the server refused would show here as non-2xx.
         assert run["ok"] > 0 and run["socket_errors"] == 0 and not run["non_2xx"], (form, run)
