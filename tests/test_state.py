@@ -660,8 +660,8 @@ def test_readiness_counts_only_live_workers(loaded_store: DeploymentStore) -> No
     store.worker_ready(exited.pid, os.getppid())
     assert ("m", "v3") in store.serving_everywhere()
     states = store.version_states()
-    assert set(states[("m", "v3")]) == {os.getpid()}
-    assert states[("m", "v3")][os.getpid()] == VersionState(SERVING, None, 2000)
+    assert set(states[("m", "v3")]) == {str(os.getpid())}
+    assert states[("m", "v3")][str(os.getpid())] == VersionState(SERVING, None, 2000)
     store.forget_version(os.getpid(), "m", "v3")
     assert ("m", "v3") not in store.version_states()
 
