@@ -37,7 +37,7 @@ from fastserve.config import (
 )
 from fastserve.errors import ConfigError, FastServeError, UnknownModel
 from fastserve.repository import Repository
-from fastserve.state import DeploymentStore, state_path
+from fastserve.store import StateStore, open_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,14 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _offline_store(args: argparse.Namespace) -> tuple[DeploymentStore, dict[str, list[str]]]:
+def _offline_store(args: argparse.Namespace) -> tuple[StateStore, dict[str, list[str]]]:
     """The state file the server uses, seeded like the server would, and the versions on disk."""
     export_arguments(args, RepositorySettings, DeploySettings)
     settings = Settings.from_env()
     repository = resolve_repository(settings.repository)
     on_disk = Repository(repository, settings.repository)
     discovered = on_disk.discover()
-    store = DeploymentStore(state_path(settings))
+    store = open_store(settings)
     store.seed_loaded(on_disk.first_loads())
     store.seed({model: stable for model, (_, stable) in discovered.items() if stable}, _actor())
     return store, {model: versions for model, (versions, _) in discovered.items()}

@@ -374,9 +374,6 @@ class DeploymentStore:
         rows = self._conn.execute("SELECT pid FROM worker WHERE server = ?", (server,)).fetchall()
         return [pid for (pid,) in rows if process_alive(pid)]
 
-    def heartbeat(self, pid: int) -> None:
-        """Nothing to do: a worker on this host is alive while its pid is (``process_alive``)."""
-
     def changed(self) -> bool:
         """Whether another connection committed since the last call (cheap: no table is read)."""
         version: int = self._conn.execute("PRAGMA data_version").fetchone()[0]
