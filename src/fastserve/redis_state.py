@@ -137,6 +137,7 @@ class RedisStore:
             )
         except ValueError:  # the URL itself is not in the message: it may hold a password
             raise ConfigError("FASTSERVE_STATE_URL: not a redis:// or rediss:// URL") from None
+        self.url = url  # holds the password, if any: never shown
         self.host = host or socket.gethostname()
         self._follow, self._ttl_ms = follow, int(ttl_s * 1000)
         self._lock = threading.Lock()
@@ -155,6 +156,7 @@ class RedisStore:
     # -- names ----------------------------------------------------------------------------------
 
     def worker_name(self, pid: int) -> str:
+        """How the state names worker ``pid`` of this host: a pid alone repeats across hosts."""
         return f"{self.host}:{pid}"
 
     # -- writes -----------------------------------------------------------------------------------

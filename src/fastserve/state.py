@@ -349,14 +349,18 @@ class DeploymentStore:
                 (pid, model, version),
             )
 
+    def worker_name(self, pid: int) -> str:
+        """How ``version_states`` names worker ``pid``: its pid (one host shares one file)."""
+        return str(pid)
+
     def version_states(self) -> dict[tuple[str, str], dict[str, VersionState]]:
-        """(model, version) -> live worker (its pid, as a string) -> its state of that version."""
+        """(model, version) -> live worker (``worker_name``) -> its state of that version."""
         rows = self._conn.execute("SELECT pid, model, version, state, reason, rss_bytes FROM worker_version")
         found: dict[tuple[str, str], dict[str, VersionState]] = {}
         alive: dict[int, bool] = {}
         for pid, model, version, state, reason, rss in rows:
             if alive.setdefault(pid, process_alive(pid)):
-                found.setdefault((model, version), {})[str(pid)] = VersionState(state, reason, rss)
+                found.setdefault((model, version), {})[self.worker_name(pid)] = VersionState(state, reason, rss)
         return found
 
     def serving_everywhere(self) -> set[tuple[str, str]]:
