@@ -454,14 +454,15 @@ class RedisStore:
                 pubsub.get_message(timeout=_POLL_S)
                 now = time.monotonic()
                 full = now >= next_beat  # liveness changes without a write: look every beat
+                current = tuple(self._client.mget(_CHANGES, _EPOCH))
+                snapshot = self._read() if full or current != marks else None
+                self._problem = None  # before a lost state shows: the caller sees both at once
+                if snapshot is not None:
+                    self._take(snapshot)
+                    marks = current
                 if full:
                     self.heartbeat()
                     next_beat = now + HEARTBEAT_S
-                current = tuple(self._client.mget(_CHANGES, _EPOCH))
-                if full or current != marks:
-                    self._take(self._read())
-                    marks = current
-                self._problem = None
             except redis.RedisError as exc:
                 self._problem = f"the deployment state cannot be read: {_reason(exc)}"
                 if pubsub is not None:

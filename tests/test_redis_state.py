@@ -1,0 +1,249 @@
+"""The Redis state store against a real redis-server: following, heartbeats, outages, auth.
+
+The store's semantics (seeding, actions, audit, readiness, racing promotes) are the SQLite
+store's, and tests/test_state.py runs them on both; here is what only Redis has.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RedisServer, redis_running
+
+from fastserve import redis_state
+from fastserve.actions import Candidate, ClearCandidate, Deployment, Promote
+from fastserve.errors import StateUnavailable
+from fastserve.redis_state import RedisStore
+from fastserve.state import SERVING, VersionState
+
+SERVABLE: dict[str, int | None] = {"v1": 4, "v2": 4}
+SERVE = VersionState(SERVING, None, 1000)
+
+
+@pytest.fixture
+def open_redis() -> Iterator[Callable[..., RedisStore]]:
+    """``open_redis(url, **options)``: a RedisStore, closed at teardown."""
+    opened: list[RedisStore] = []
+
+    def open_(url: str, **options: object) -> RedisStore:
+        store = RedisStore(url, **options)  # type: ignore[arg-type]
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> float:
+    """Seconds until ``condition`` held; fails past ``timeout_s``."""
+    start = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - start < timeout_s, "condition not met in time"
+        time.sleep(0.001)
+    return time.perf_counter() - start
+
+
+def test_a_following_store_sees_another_replicas_action_within_100_ms(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    a = open_redis(redis_server.url, follow=True, host="replica-a")
+    b = open_redis(redis_server.url, follow=True, host="replica-b")
+    a.seed({"m": "v1"}, "seeder")
+    assert b.changed() and b.deployments()["m"].stable == "v1"
+    delays = []
+    for i in range(20):
+        action = Candidate("v2", canary=round(0.01 * (i + 1), 2))
+        after = a.act("m", action, SERVABLE, "alice")
+        assert a.deployments()["m"] == after  # the writer reads its own write at once
+        delays.append(wait_for(lambda after=after: b.deployments()["m"] == after))
+        assert b.changed()
+    print(f"action propagation: median {statistics.median(delays) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms")
+    assert max(delays) < 0.1
+    assert not b.changed()  # nothing since
+
+
+def test_changed_costs_the_loop_no_network_when_following(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    store = open_redis(redis_server.url, follow=True)
+    store.seed({"m": "v1"}, "seeder")
+    store.changed()
+    start = time.perf_counter()
+    for _ in range(10_000):
+        store.changed()
+        store.deployments()
+    per_call = (time.perf_counter() - start) / 10_000
+    assert per_call < 50e-6, f"{per_call * 1e6:.1f} µs per poll"
+
+
+def test_a_dead_replicas_workers_drop_out_when_their_heartbeat_lapses(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    # Two replicas on other hosts (their pids cannot be checked from here): only the TTL tells.
+    a = open_redis(redis_server.url, host="replica-a", ttl_s=0.4)
+    b = open_redis(redis_server.url, host="replica-b", ttl_s=60)
+    b.seed({"m": "v1"}, "seeder")
+    b.seed_loaded({"m": ["v1", "v2"]})
+    for store in (a, b):
+        store.worker_ready(7, 1)  # the same pid on both hosts: two workers all the same
+    a.record_version(7, "m", "v1", SERVE)
+    for version in ("v1", "v2"):
+        b.record_version(7, "m", version, SERVE)
+    assert b.serving_everywhere() == {("m", "v1")}  # replica a does not serve v2
+    assert set(b.version_states()[("m", "v1")]) == {"replica-a:7", "replica-b:7"}
+    assert a.ready_workers(1) == [7] and b.ready_workers(1) == [7]  # per replica
+    # While replica a beats, it counts; once it stops (it died), it drops out by itself.
+    for _ in range(4):
+        time.sleep(0.2)
+        a.heartbeat()
+        assert ("m", "v2") not in b.serving_everywhere()
+    assert not a.replaced()
+    wait_for(lambda: ("m", "v2") in b.serving_everywhere(), timeout_s=2)
+    assert a.ready_workers(1) == []
+    assert set(b.version_states()[("m", "v1")]) == {"replica-b:7"}
+    # A replica that comes back (a long pause, not a death) learns that it was dropped.
+    a.heartbeat()
+    assert a.replaced()
+    a.close()
+    a.worker_ready(7, 1)
+    assert not a.replaced()
+    assert ("m", "v2") not in b.serving_everywhere()
+
+
+def test_a_worker_of_this_host_killed_outright_drops_out_at_once(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    import subprocess
+    import sys
+
+    store = open_redis(redis_server.url, ttl_s=60)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    store.worker_ready(exited.pid, os.getppid())
+    store.worker_ready(os.getpid(), os.getppid())
+    assert store.ready_workers(os.getppid()) == [os.getpid()]  # its TTL has not run out
+
+
+def test_redis_stopped_refuses_actions_fast_keeps_the_last_state_and_recovers(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    store = open_redis(redis_server.url, follow=True)
+    store.seed({"m": "v1"}, "seeder")
+    store.seed_loaded({"m": ["v1", "v2"]})
+    store.worker_ready(os.getpid(), os.getppid())
+    for version in ("v1", "v2"):
+        store.record_version(os.getpid(), "m", version, SERVE)
+    store.act("m", Candidate("v2", canary=0.5), SERVABLE, "alice")
+    redis_server.stop()
+    start = time.perf_counter()
+    with pytest.raises(StateUnavailable, match="cannot be written: Redis is unreachable"):
+        store.act("m", Promote(), SERVABLE, "alice")
+    assert time.perf_counter() - start < 1.0
+    wait_for(lambda: _raises(store.changed), timeout_s=2)
+    with pytest.raises(StateUnavailable, match="cannot be read: Redis is unreachable"):
+        store.changed()
+    # What the loop reads stays the last state: routes, readiness, /status.
+    assert store.deployments()["m"].candidate == "v2"
+    assert store.ready_workers(os.getppid()) == [os.getpid()]
+    assert store.serving_everywhere() == {("m", "v1"), ("m", "v2")}
+    # Back, but empty (no persistence): the state was lost, and the last truth restores it.
+    redis_server.start()
+    wait_for(store.replaced, timeout_s=3)
+    store.changed()  # readable again
+    assert store.deployments()["m"].candidate == "v2"
+    with pytest.raises(StateUnavailable, match="it was lost"):
+        store.act("m", Promote(), SERVABLE, "alice")
+    deployments, loaded = store.deployments(), store.loaded()
+    store.close()
+    assert store.restore(deployments, loaded, "server pid 1") == ["m"]
+    assert store.restore(deployments, loaded, "server pid 2") == []  # another worker's: no-op
+    store.worker_ready(os.getpid(), os.getppid())
+    for version in ("v1", "v2"):
+        store.record_version(os.getpid(), "m", version, SERVE)
+    after = store.act("m", Promote(), SERVABLE, "alice")
+    assert (after.stable, after.previous_stable) == ("v2", "v1")
+    assert [e.action for e in store.history()] == ["promote", "restore"]
+    assert not store.replaced()
+
+
+def test_a_redis_that_hangs_costs_an_action_its_timeout_and_loses_nothing(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    store = open_redis(redis_server.url)
+    store.seed({"m": "v1"}, "seeder")
+    assert redis_server.process is not None
+    os.kill(redis_server.process.pid, signal.SIGSTOP)  # a partition: connected, never answering
+    try:
+        start = time.perf_counter()
+        with pytest.raises(StateUnavailable, match="did not answer within 0.5 s"):
+            store.act("m", Candidate("v2"), SERVABLE, "alice")
+        assert time.perf_counter() - start < 1.5
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    store.close()  # the timed-out connection is dropped; the state itself is intact
+    assert store.deployments()["m"] == Deployment("m", "v1", updated_at=store.deployments()["m"].updated_at)
+    # The refused action was not applied, then or later: the next one is the only one.
+    store.act("m", Candidate("v2"), SERVABLE, "alice")
+    assert [e.action for e in store.history()] == ["candidate", "init"]
+
+
+def test_a_password_protected_redis(tmp_path: Path, open_redis: Callable[..., RedisStore]) -> None:
+    password = "correct-horse-battery"
+    with redis_running(tmp_path, password=password) as server:
+        store = open_redis(server.url)
+        store.seed({"m": "v1"}, "seeder")
+        assert store.deployments()["m"].stable == "v1"
+        wrong = open_redis(server.url.replace(password, "wrong-password"))
+        with pytest.raises(StateUnavailable, match="Redis refused the credentials") as refused:
+            wrong.seed({"m": "v1"}, "seeder")
+        none = open_redis(server.url.replace(f":{password}@", ""))
+        with pytest.raises(StateUnavailable, match="Redis refused the credentials") as refused_too:
+            none.deployments()
+        for raised in (refused, refused_too):
+            assert password not in str(raised.value) and "wrong-password" not in str(raised.value)
+
+
+def test_an_action_whose_writes_fail_writes_nothing(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_redis(redis_server.url)
+    store.seed({"m": "v1"}, "seeder")
+    before, history = store.deployments(), store.history()
+
+    def broken_audit(pipe: object, entry: object) -> None:
+        raise RuntimeError("audit broken")
+
+    monkeypatch.setattr(redis_state, "_audit", broken_audit)
+    with pytest.raises(RuntimeError, match="audit broken"):
+        store.act("m", Candidate("v2"), SERVABLE, "alice")
+    monkeypatch.undo()
+    assert store.deployments() == before  # the deployment queued before the audit was discarded
+    assert store.history() == history
+    assert store.act("m", ClearCandidate(), SERVABLE, "alice").candidate is None
+
+
+def test_a_long_history_is_read_past_the_snapshot(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    store = open_redis(redis_server.url, follow=True)
+    store.seed({"m": "v1"}, "seeder")
+    for i in range(120):
+        store.act("m", Candidate("v2", canary=i / 200) if i % 2 == 0 else ClearCandidate(), SERVABLE, "a")
+    assert len(store.history(20)) == 20 and len(store.history(500)) == 121
+    assert store.history(500)[-1].action == "init"
+    assert store.action_counts() == {("m", "init"): 1, ("m", "candidate"): 60, ("m", "clear_candidate"): 60}
+
+
+def _raises(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except StateUnavailable:
+        return True
+    return False
