@@ -390,9 +390,7 @@ def test_the_row_and_its_audit_entry_are_written_together(
     assert store.history() == history
 
 
-def test_changed_reports_other_connections_commits_once(
-    store: Store, stores: list[Store]
-) -> None:
+def test_changed_reports_other_connections_commits_once(store: Store, stores: list[Store]) -> None:
     assert store.changed()  # the first call: nothing seen yet
     assert not store.changed()
     other = another(stores, store)
@@ -461,7 +459,9 @@ def test_racing_promotes_in_processes_take_turns(store: Store) -> None:
     with context.Manager() as manager:
         start = manager.Event()
         with context.Pool(3) as pool:
-            where = ("sqlite", str(store.path)) if isinstance(store, DeploymentStore) else ("redis", store.url)
+            where = (
+                ("sqlite", str(store.path)) if isinstance(store, DeploymentStore) else ("redis", store.url)
+            )
             pending = [pool.apply_async(_promote_in_process, (where, start)) for _ in range(3)]
             start.set()
             results = sorted(result.get(timeout=60) for result in pending)

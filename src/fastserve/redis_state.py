@@ -56,7 +56,9 @@ except ImportError:  # pragma: no cover - the message is the point
     redis = None  # type: ignore[assignment]
 
 _PREFIX = "fastserve:"
-_DEPLOYMENT, _LOADED, _WORKERS, _RECORDS = (_PREFIX + k for k in ("deployment", "loaded", "workers", "records"))
+_DEPLOYMENT, _LOADED, _WORKERS, _RECORDS = (
+    _PREFIX + k for k in ("deployment", "loaded", "workers", "records")
+)
 _AUDIT, _COUNTS, _CHANGES, _EPOCH = (_PREFIX + k for k in ("audit", "counts", "changes", "epoch"))
 _ALIVE = _PREFIX + "alive:"
 
@@ -122,11 +124,11 @@ def _reason(exc: Exception) -> str:
 class RedisStore:
     """The deployment state in Redis (see the module); the same methods as ``DeploymentStore``."""
 
-    def __init__(
-        self, url: str, follow: bool = False, host: str | None = None, ttl_s: float = TTL_S
-    ) -> None:
+    def __init__(self, url: str, follow: bool = False, host: str | None = None, ttl_s: float = TTL_S) -> None:
         if redis is None:
-            raise ConfigError("FASTSERVE_STATE_URL: a Redis state needs redis-py: pip install 'fastserve[redis]'")
+            raise ConfigError(
+                "FASTSERVE_STATE_URL: a Redis state needs redis-py: pip install 'fastserve[redis]'"
+            )
         try:
             self._client = redis.Redis.from_url(
                 url,
@@ -161,13 +163,16 @@ class RedisStore:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def _transact(self, body: Callable[[Any], Callable[[Any], None] | None], create: bool, *keys: str) -> None:
+    def _transact(
+        self, body: Callable[[Any], Callable[[Any], None] | None], create: bool, *keys: str
+    ) -> None:
         """Run ``body`` on a pipeline watching ``keys`` (and the epoch): it reads, and returns what
         queues its writes (None: nothing to write). Retried while other writers get in between."""
         assert redis is not None
         try:
             for _ in range(_ATTEMPTS):
-                with self._client.pipeline() as pipe:
+                with self._client.pipeline() as watching:
+                    pipe: Any = watching  # redis-py's pipeline methods are untyped
                     try:
                         pipe.watch(_EPOCH, *keys)
                         epoch = pipe.get(_EPOCH)
@@ -280,7 +285,16 @@ class RedisStore:
                 frozenset(loaded), live, ((w, v, s.state) for (w, m, v), s in records.items() if m == model)
             )
             after, entry = decide(
-                model, before, frozenset(loaded), serving, failed, action, servable, actor, on_disk, time.time()
+                model,
+                before,
+                frozenset(loaded),
+                serving,
+                failed,
+                action,
+                servable,
+                actor,
+                on_disk,
+                time.time(),
             )
             if isinstance(action, Load):
                 loaded[action.version] = after.updated_at
@@ -590,4 +604,3 @@ def _audit(pipe: Any, entry: AuditEntry) -> None:
 def _count_key(raw: str) -> tuple[str, str]:
     model, action = msgspec.json.decode(raw)
     return model, action
-

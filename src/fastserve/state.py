@@ -360,7 +360,8 @@ class DeploymentStore:
         alive: dict[int, bool] = {}
         for pid, model, version, state, reason, rss in rows:
             if alive.setdefault(pid, process_alive(pid)):
-                found.setdefault((model, version), {})[self.worker_name(pid)] = VersionState(state, reason, rss)
+                record = VersionState(state, reason, rss)
+                found.setdefault((model, version), {})[self.worker_name(pid)] = record
         return found
 
     def serving_everywhere(self) -> set[tuple[str, str]]:
