@@ -449,7 +449,10 @@ class RedisStore:
         try:  # the first read is the caller's: nothing is ever read from an empty snapshot
             self._take(self._read())
         except redis.RedisError as exc:
-            raise StateUnavailable(f"the deployment state cannot be read: {_reason(exc)}") from None
+            problem = f"the deployment state cannot be read: {_reason(exc)}"
+            if self._last is None:
+                raise StateUnavailable(problem) from None
+            self._problem = problem  # what this store wrote last stands meanwhile
         self._stop.clear()
         self._thread = threading.Thread(target=self._following, name="fastserve-state", daemon=True)
         self._thread.start()
