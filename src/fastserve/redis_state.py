@@ -453,17 +453,20 @@ class RedisStore:
             if self._last is None:
                 raise StateUnavailable(problem) from None
             self._problem = problem  # what this store wrote last stands meanwhile
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._following, name="fastserve-state", daemon=True)
+        # Each follower has its own stop: one still in a call when closed ends by itself after it.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._following, args=(self._stop,), name="fastserve-state", daemon=True
+        )
         self._thread.start()
 
-    def _following(self) -> None:
+    def _following(self, stop: threading.Event) -> None:
         """The follower thread: wake on the channel or every _POLL_S, read what changed, beat."""
         assert redis is not None
         pubsub = None
         next_beat = 0.0
         marks: tuple[Any, ...] | None = None
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 if pubsub is None:
                     pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -486,10 +489,10 @@ class RedisStore:
                     pubsub.close()
                     pubsub = None
                 marks = None
-                self._stop.wait(_POLL_S)  # a refused connection fails at once: do not spin
+                stop.wait(_POLL_S)  # a refused connection fails at once: do not spin
             except Exception as exc:  # a bug must not stop the following silently
                 self._problem = f"reading the deployment state failed: {exc!r}"
-                self._stop.wait(_POLL_S)
+                stop.wait(_POLL_S)
         if pubsub is not None:
             pubsub.close()
 
@@ -574,7 +577,8 @@ class RedisStore:
         """Stop following and forget the lost state: the next read starts afresh."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=2 * TIMEOUT_S + _POLL_S)
+            # Not waited for past a poll: the worker's loop calls this (after a lost state).
+            self._thread.join(timeout=_POLL_S * 2)
             self._thread = None
         with self._lock:
             self._lost = self._beat_lost = False
