@@ -377,7 +377,9 @@ def test_every_flag_at_once_round_trips(clean_env: pytest.MonkeyPatch) -> None:
             max_batch_rows=8, batch_window_ms=0.0, max_queue_depth=100, queue_timeout_ms=50.0
         ),
         limits=LimitSettings(max_body_bytes=2048, max_rows_per_request=16, body_timeout_ms=500.0),
-        deploy=DeploySettings(state_path="/var/lib/fastserve/state.sqlite", state_url="rediss://redis:6380/1"),
+        deploy=DeploySettings(
+            state_path="/var/lib/fastserve/state.sqlite", state_url="rediss://redis:6380/1"
+        ),
     )
 
 
