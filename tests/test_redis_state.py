@@ -6,13 +6,20 @@ store's, and tests/test_state.py runs them on both; here is what only Redis has.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from fastserve import redis_state
@@ -21,7 +28,20 @@ from fastserve.errors import StateUnavailable
 from fastserve.redis_state import RedisStore
 from fastserve.state import SERVING, VersionState
 
-from conftest import RedisServer, redis_running
+from conftest import (
+    RedisServer,
+    RunningServer,
+    assert_error,
+    free_port,
+    redis_running,
+    running,
+    serve_command,
+    server_env,
+    status_of,
+    status_of_every_worker,
+    write_joblib_model,
+)
+from fake_models import SleepyModel
 
 SERVABLE: dict[str, int | None] = {"v1": 4, "v2": 4}
 SERVE = VersionState(SERVING, None, 1000)
@@ -122,9 +142,6 @@ def test_a_dead_replicas_workers_drop_out_when_their_heartbeat_lapses(
 def test_a_worker_of_this_host_killed_outright_drops_out_at_once(
     redis_server: RedisServer, open_redis: Callable[..., RedisStore]
 ) -> None:
-    import subprocess
-    import sys
-
     store = open_redis(redis_server.url, ttl_s=60)
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     exited.wait()
@@ -249,3 +266,121 @@ def _raises(call: Callable[[], object]) -> bool:
     except StateUnavailable:
         return True
     return False
+
+
+# -- two replicas (two `fastserve serve`, two workers each) on one Redis ---------------------------
+
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def _fleet_status(server: RunningServer, workers: int) -> dict[int, dict[str, Any]]:
+    return status_of_every_worker(server, workers)
+
+
+def _aliases_everywhere(replicas: list[RunningServer]) -> list[dict[str, Any]]:
+    return [
+        status["models"]["m"]["aliases"]
+        for replica in replicas
+        for status in _fleet_status(replica, 2).values()
+    ]
+
+
+@pytest.mark.e2e
+def test_two_replicas_on_one_redis_follow_each_others_actions_and_survive_an_outage(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    write_joblib_model(repo, "m", "v1", SleepyModel(4, delay_s=0.0), toml='stable = "v1"\n')
+    write_joblib_model(repo, "m", "v2", SleepyModel(4, delay_s=0.0))
+    env = server_env(repository=repo, trusted_repository=1, admin_token=TOKEN, state_url=redis_server.url)
+    with contextlib.ExitStack() as stack:
+        replicas = []
+        for _ in range(2):
+            port = free_port()
+            command = serve_command(repo, port, "--workers", "2")
+            replicas.append(stack.enter_context(running(command, dict(env), port, tmp_path)))
+        a, b = replicas
+        counts = [s["ready_workers"] for r in replicas for s in _fleet_status(r, 2).values()]
+        assert counts == [2, 2, 2, 2], counts
+
+        # An action through either replica governs every worker of both within 100 ms.
+        for via, version in ((a, "v2"), (b, "v1"), (a, "v2")):
+            response = httpx.post(
+                f"{via.url}/deploy/m",
+                json={"action": "candidate", "version": "v2", "canary": 0.5}
+                if version == "v2"
+                else {"action": "clear_candidate"},
+                headers=AUTH,
+                timeout=10,
+            )
+            assert response.status_code == 200, response.text
+            time.sleep(0.1)
+            expected = "v2" if version == "v2" else None
+            assert all(aliases["candidate"] == expected for aliases in _aliases_everywhere(replicas))
+
+        # The canary share holds across the fleet: each replica routes by the same state.
+        versions = Counter(
+            httpx.post(f"{replica.url}/predict/m", json={"features": [1, 2, 3, 4]}, timeout=5).headers[
+                "x-model-version"
+            ]
+            for replica in replicas * 200
+        )
+        assert sum(versions.values()) == 400 and 0.4 < versions["v2"] / 400 < 0.6, versions  # ±4 sigma
+
+        # Redis down: both keep serving, /readyz stays 200, actions answer 503.
+        redis_server.stop()
+        time.sleep(0.2)
+        for replica in replicas:
+            for _ in range(20):
+                answer = httpx.post(f"{replica.url}/predict/m", json={"features": [1, 2, 3, 4]}, timeout=5)
+                assert answer.status_code == 200
+            assert httpx.get(replica.url + "/readyz", timeout=5).status_code == 200
+            refused = httpx.post(
+                f"{replica.url}/deploy/m", json={"action": "promote"}, headers=AUTH, timeout=10
+            )
+            assert_error(refused, 503, "state_unavailable")
+        assert all(s["state_problem"] for r in replicas for s in _fleet_status(r, 2).values())
+
+        # Back, empty: the workers restore what they serve, and actions work again.
+        redis_server.start()
+        deadline = time.monotonic() + 20
+        while True:
+            promoted = httpx.post(f"{b.url}/deploy/m", json={"action": "promote"}, headers=AUTH, timeout=10)
+            if promoted.status_code == 200:
+                break
+            # Until a worker restored the state (503), and every worker recorded v2 again (409).
+            assert promoted.status_code in (503, 409) and time.monotonic() < deadline, promoted.text
+            time.sleep(0.1)
+        assert promoted.json()["stable"] == "v2" and promoted.json()["previous_stable"] == "v1"
+        time.sleep(0.1)
+        assert all(
+            aliases == {"stable": "v2", "candidate": None} for aliases in _aliases_everywhere(replicas)
+        )
+        log = [(e["action"], e["model"]) for e in status_of(a)["deploy_log"]]
+        assert log == [("promote", "m"), ("restore", "m")]  # one restore, by whichever worker came first
+        assert not any(s["state_problem"] for r in replicas for s in _fleet_status(r, 2).values())
+
+
+def test_the_cli_deploys_and_shows_the_state_in_redis(redis_server: RedisServer, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for version in ("v1", "v2"):
+        write_joblib_model(repo, "m", version, SleepyModel(4, delay_s=0.0), toml='stable = "v1"\n')
+    env = server_env(repository=repo, trusted_repository=1, state_url=redis_server.url)
+    cli = [sys.executable, "-m", "fastserve.cli"]
+    done = subprocess.run(
+        [*cli, "deploy", "m", "candidate", "v2", "--canary", "0.25"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["candidate"] == "v2"
+    store = RedisStore(redis_server.url)
+    try:
+        assert store.deployments()["m"].canary == 0.25  # the server's state, not a file
+    finally:
+        store.close()
+    shown = json.loads(subprocess.run([*cli, "status"], env=env, capture_output=True, text=True).stdout)
+    assert [e["action"] for e in shown["deploy_log"]] == ["candidate", "init"]
+    redis_server.stop()
+    down = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
+    assert down.returncode == 1
+    assert down.stderr.strip() == "fastserve: the deployment state cannot be written: Redis is unreachable"

@@ -170,8 +170,9 @@ class Server:
         self.state_problem = problem
 
     async def _mend(self) -> None:
-        """After a fault of the state: make the file again if it was deleted, and write what
-        this worker could not (its readiness, its versions' records)."""
+        """After a fault of the state: make it again if it was lost (a deleted file, a Redis
+        restarted empty), and write what this worker could not or what was dropped (its
+        readiness, its versions' records)."""
         assert self.store is not None and self.lifecycle is not None
         try:
             if self.store.replaced():
@@ -182,7 +183,7 @@ class Server:
                     self.store.restore, deployments, loaded, f"server pid {os.getpid()}"
                 )
                 if restored:
-                    logger.warning("deployment state file was gone; restored %s", ", ".join(restored))
+                    logger.warning("deployment state was lost; restored %s", ", ".join(restored))
                 for (model, version), state in self.lifecycle.records().items():
                     self.lifecycle.unrecorded.setdefault((model, version), state)
                 self._ready_recorded = False
