@@ -139,6 +139,20 @@ def test_a_dead_replicas_workers_drop_out_when_their_heartbeat_lapses(
     assert ("m", "v2") not in b.serving_everywhere()
 
 
+def test_a_following_store_keeps_its_workers_alive_past_their_ttl(
+    redis_server: RedisServer, open_redis: Callable[..., RedisStore]
+) -> None:
+    worker = open_redis(redis_server.url, follow=True, ttl_s=2.5)
+    other = open_redis(redis_server.url)
+    worker.seed({"m": "v1"}, "seeder")
+    worker.worker_ready(os.getpid(), os.getppid())
+    worker.changed()  # following from now on: its thread beats every second
+    time.sleep(4)
+    assert other.ready_workers(os.getppid()) == [os.getpid()]
+    worker.close()  # nothing beats any more; the pid lives on, so only the TTL tells
+    wait_for(lambda: other.ready_workers(os.getppid()) == [], timeout_s=4)
+
+
 def test_a_worker_of_this_host_killed_outright_drops_out_at_once(
     redis_server: RedisServer, open_redis: Callable[..., RedisStore]
 ) -> None:
