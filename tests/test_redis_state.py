@@ -342,6 +342,19 @@ def test_two_replicas_on_one_redis_follow_each_others_actions_and_survive_an_out
         )
         assert sum(versions.values()) == 400 and 0.4 < versions["v2"] / 400 < 0.6, versions  # ±4 sigma
 
+        # A version loaded through replica a is routable once every worker of both serves it.
+        write_joblib_model(repo, "m", "v3", SleepyModel(4, delay_s=0.0))
+        loading = httpx.post(
+            f"{a.url}/deploy/m", json={"action": "load", "version": "v3"}, headers=AUTH, timeout=10
+        )
+        assert loading.status_code == 200, loading.text
+        deadline = time.monotonic() + 30
+        while not status_of(b)["models"]["m"]["versions"].get("v3", {}).get("routable"):
+            assert time.monotonic() < deadline, status_of(b)["models"]["m"]["versions"]
+            time.sleep(0.1)
+        workers = status_of(b)["models"]["m"]["versions"]["v3"]["workers"]
+        assert len(workers) == 4 and {w["state"] for w in workers.values()} == {"serving"}, workers
+
         # Redis down: both keep serving, /readyz stays 200, actions answer 503.
         redis_server.stop()
         time.sleep(0.2)
