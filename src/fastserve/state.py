@@ -20,6 +20,10 @@ when every live ready worker serves it, and only then may an alias point at it.
 
 Workers see other processes' actions by polling ``PRAGMA data_version``, which SQLite
 keeps in shared memory: a poll reads no table and takes microseconds.
+
+This is the default store, for one host; ``redis_state.RedisStore`` holds the same state in
+Redis for replicas on many hosts (``store.open_store`` picks). Both apply the rules of
+``actions.decide`` and ``readiness`` below.
 """
 
 from __future__ import annotations
