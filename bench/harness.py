@@ -303,17 +303,27 @@ def check_predict(server: Server, body: bytes) -> Record:
 
 
 def run_wrk(
-    url: str, connections: int, duration_s: int, body_file: Path, timeout_s: int = 10
+    url: str,
+    connections: int,
+    duration_s: int,
+    body_file: Path,
+    timeout_s: int = 10,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """wrk pinned to the client core, one thread; the JSON line of ``post.lua``, plus ``rps``.
 
     wrk takes whole seconds only. Requests slower than ``timeout_s`` count as timeout errors.
+    With ``headers`` (sent on every request), the file is one body, sent as it is (binary
+    V2 bodies), rather than one body a line.
     """
     argv = pinned(CLIENT_CORE, [
         require_wrk(), "-t1", f"-c{connections}", f"-d{duration_s}s",
         f"--timeout={timeout_s}s", "--latency", "-s", str(LUA_SCRIPT), url,
     ])  # fmt: skip
     env = {**os.environ, "WRK_BODY_FILE": str(body_file)}
+    if headers:
+        env["WRK_WHOLE_BODY"] = "1"
+        env["WRK_HEADERS"] = "".join(f"{name}: {value}\n" for name, value in headers.items())
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=duration_s + timeout_s + 30)
     for line in done.stdout.splitlines():
         if line.startswith("WRK_JSON "):
@@ -562,6 +572,7 @@ def measure(
     duration_s: int,
     body_file: Path,
     warmup_s: int = 1,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One load run against a ready server: wrk's figures, mean batch rows, and the noise.
 
@@ -575,13 +586,13 @@ def measure(
     url = server.url(server.predict_path)
     calibration_before = calibrate()
     if warmup_s > 0:
-        run_wrk(url, connections, warmup_s, body_file)
+        run_wrk(url, connections, warmup_s, body_file, headers=headers)
     before_batches = batch_totals(server)
     family = [proc.pid, *descendants(proc.pid)]
     server_before, self_before = tree_ticks(family), tree_ticks([os.getpid()])
     wrk_before = children_cpu_s()
     busy_before, load_before = busy_ticks(), os.getloadavg()[0]
-    result = run_wrk(url, connections, duration_s, body_file)
+    result = run_wrk(url, connections, duration_s, body_file, headers=headers)
     busy = {cpu: ticks - busy_before.get(cpu, 0) for cpu, ticks in busy_ticks().items()}
     wrk_ticks = (children_cpu_s() - wrk_before) * HZ
     server_ticks = tree_ticks(family) - server_before

@@ -121,3 +121,16 @@ class Unruly:
         if (rows[:, 0] > 1000).any():
             raise ValueError("first feature above 1000")
         return rows[:, 0].astype(np.int64)
+
+
+class HoldsOn:
+    """Predicts the row's first feature (as an int) after sleeping as many seconds as the batch's
+    largest second feature says: a test decides which request holds the model, and how long
+    (a long hold is a predict that hangs)."""
+
+    def __init__(self, n_features: int) -> None:
+        self.n_features_in_ = n_features
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        time.sleep(float(rows[:, 1].max()))
+        return rows[:, 0].astype(np.int64)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastserve.batcher import Batcher, Turns
+from fastserve.body import ClientGone
 from fastserve.codec import PredictRequest
 from fastserve.config import BatchSettings
 from fastserve.errors import BadFeatures, ModelError, ModelRejectedInput, QueueFull, QueueTimeout
@@ -418,5 +419,111 @@ def test_a_predict_that_runs_long_holds_the_others_only_so_long() -> None:
         await held
         await first.drain_and_stop(5)
         await second.drain_and_stop(5)
+
+    run(scenario)
+
+
+class RowsModel(RecordingModel):
+    """RecordingModel that also records every first feature it predicted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[float] = []
+
+    def predict(self, rows: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        out = super().predict(rows)
+        self.seen += rows[:, 0].tolist()
+        return out
+
+
+def test_requests_whose_client_left_are_cut_out_and_the_rest_keep_their_rows() -> None:
+    model = RowsModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=64, batch_window_ms=1, queue_timeout_ms=10_000)
+        model.gate.clear()
+        blocker = batcher.admit(row(100))
+        await asyncio.sleep(0.05)  # the blocker is in predict; the others queue behind it
+        requests = [
+            PredictRequest(instances=[[i, 0], [i + 0.5, 0]]) if i % 3 == 0 else row(i) for i in range(12)
+        ]
+        futures = [batcher.admit(request) for request in requests]
+        for i in (0, 1, 4, 5, 11):  # gone from the middle, both ends, multi-row ones too
+            batcher.client_left(futures[i])
+        model.gate.set()
+        assert await blocker == [100]
+        for i, future in enumerate(futures):
+            if i in (0, 1, 4, 5, 11):
+                with pytest.raises(ClientGone):
+                    await future
+            else:
+                expected = [i, i + 0.5] if i % 3 == 0 else [i]
+                assert await future == expected
+        kept = [v for i in (2, 3, 6, 7, 8, 9, 10) for v in ([i, i + 0.5] if i % 3 == 0 else [i])]
+        assert model.seen == [100, *kept]
+        assert batcher.stats.gone == 5 and batcher.queue.queued_rows == 0
+        # Gone requests are counted once: the next batches need no search for them.
+        assert batcher._left == 0
+        assert await batcher.admit(row(1)) == [1]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_a_queued_request_behind_a_busy_model_expires_at_its_own_deadline() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=1, batch_window_ms=0, queue_timeout_ms=50)
+        model.gate.clear()
+        hung = batcher.admit(row(1))
+        await asyncio.sleep(0.02)
+        behind = batcher.admit(row(2))
+        with pytest.raises(QueueTimeout):
+            await asyncio.wait_for(behind, 5)  # while the predict still hangs
+        assert not hung.done() and batcher.predict_running_s() is not None
+        model.gate.set()
+        assert await hung == [1]
+        assert batcher.stats.expired == 1 and batcher.queue.queued_rows == 0
+        assert await batcher.admit(row(3)) == [3]
+        await batcher.drain_and_stop(5)
+
+    run(scenario)
+
+
+def test_only_a_request_that_waits_long_is_watched_for_its_client() -> None:
+    model = RecordingModel()
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        batcher = make(loop, model, max_batch_rows=8, batch_window_ms=1, queue_timeout_ms=10_000)
+        receives: list[asyncio.Future[dict[str, str]]] = []
+
+        def receive() -> asyncio.Future[dict[str, str]]:
+            receives.append(loop.create_future())
+            return receives[-1]
+
+        quick = batcher.admit(row(1))
+        quick_entry = batcher.waiting(receive, quick)
+        assert await quick == [1]
+        model.gate.clear()
+        slow = batcher.admit(row(2))  # in predict, held by the gate
+        slow_entry = batcher.waiting(receive, slow)
+        await asyncio.sleep(0.02)
+        behind = batcher.admit(row(3))
+        behind_entry = batcher.waiting(receive, behind)
+        await asyncio.sleep(0.15)  # past _WATCH_AFTER_S for both
+        assert quick_entry.watch is None  # answered first: never cost a receive()
+        assert slow_entry.watch is not None and behind_entry.watch is not None
+        assert len(receives) == 2
+        receives[1].set_result({"type": "http.disconnect"})  # the client of `behind` leaves
+        await asyncio.sleep(0)
+        model.gate.set()
+        assert await slow == [2]
+        with pytest.raises(ClientGone):
+            await behind
+        slow_entry.watch.stop()
+        await asyncio.sleep(0.05)
+        assert batcher.stats.gone == 1 and model.batch_sizes == [1, 1]
+        await batcher.drain_and_stop(5)
 
     run(scenario)

@@ -142,3 +142,14 @@ def test_tabular_checks_and_measures_fastserve_mlserver_and_the_churn_ceiling(tm
     ] == [0.0]
     assert not [r for r in records if r["kind"] == "skipped"], records
     assert list(tmp_path.glob("tabular-*.md"))
+
+
+def test_v2_measures_the_native_route_and_both_v2_forms(tmp_path: Path) -> None:
+    records = _run_bench("bench.v2", tmp_path)
+    assert not [r for r in records if r["kind"] in ("error", "skipped")], records
+    runs = {r["form"]: r for r in records if r["kind"] == "http"}
+    assert set(runs) == {"native JSON", "V2 JSON", "V2 binary"}
+    for form, run in runs.items():
+        # Every request answered 200: a V2 body the server refused would show here as non-2xx.
+        assert run["ok"] > 0 and run["socket_errors"] == 0 and not run["non_2xx"], (form, run)
+    assert list(tmp_path.glob("v2-*.md"))

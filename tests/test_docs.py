@@ -34,6 +34,7 @@ from fastserve.config import (
 )
 from fastserve.errors import FastServeError
 from fastserve.metrics import Metrics
+from fastserve.openapi import document
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -272,6 +273,48 @@ def test_http_api_route_table_lists_every_route(tmp_path: Path, monkeypatch: pyt
         actual += [f"{method} {route.path}" for method in sorted(route.methods - {"HEAD"})]
     documented = [single_code(row["route"]) for row in tables(DOCS / "http-api.md", "route", "what")]
     assert sorted(documented) == sorted(actual)
+
+
+def test_openapi_documents_every_route_and_only_real_error_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(
+        repository=RepositorySettings(repository=str(tmp_path / "repository")),
+        deploy=DeploySettings(state_path=str(tmp_path / "state" / "deployments.sqlite")),
+    )
+    actual = {
+        (method.lower(), route.path)
+        for route in starlette_of(create_app(settings)).routes
+        if isinstance(route, Route) and route.methods
+        for method in route.methods - {"HEAD"}
+    }
+    spec = document()
+    documented = {(method, path) for path, item in spec["paths"].items() for method in item}
+    assert documented == actual
+    codes = {code for _, code in error_codes()}
+    for item in spec["paths"].values():
+        for operation in item.values():
+            for status, response in operation["responses"].items():
+                for media in response.get("content", {}).values():
+                    error = media["schema"].get("properties", {}).get("error")
+                    if error is not None and error["type"] == "object":  # V2's is a string
+                        assert set(error["properties"]["code"]["enum"]) <= codes, status
+
+
+# -- the reliability record ------------------------------------------------------------------------
+
+
+def test_the_reliability_record_names_only_tests_that_exist() -> None:
+    text = (DOCS / "reliability.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) >= 20
+    sources = {path.name: path.read_text() for path in (ROOT / "tests").glob("test_*.py")}
+    for module, test in named:
+        assert f"def {test}(" in sources[module], f"docs/reliability.md names {module}::{test}"
+    # `::test_x` right after a named test is another test of the same module.
+    for module, rest in re.findall(r"`(test_\w+\.py)::test_\w+`((?:, `::test_\w+`)+)", text):
+        for test in re.findall(r"`::(test_\w+)`", rest):
+            assert f"def {test}(" in sources[module], f"docs/reliability.md names {module}::{test}"
 
 
 # -- links -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -560,3 +561,49 @@ def test_state_writes_failing_on_a_full_disk_fail_actions_with_503_until_space_r
         assert accepted.status_code == 200, accepted.text
         assert Counter(a.status for a in load.answers) == {200: len(load.answers)}
         assert {a.version for a in load.answers if a.sent > load.answers[-1].sent - 0.2} == {"v2"}
+
+
+def test_unload_answers_the_versions_queued_requests_then_drops_it(serve: Any, tmp_path: Path) -> None:
+    write_joblib_model(tmp_path, "m", "v1", SleepyModel(4, delay_s=0.0), toml='stable = "v1"\n')
+    write_joblib_model(tmp_path, "m", "v2", SleepyModel(4, delay_s=0.5))  # 0.5 s a batch
+    server = serve(
+        tmp_path, admin_token=TOKEN, trusted_repository=1, max_batch_rows=1, queue_timeout_ms=10_000
+    )
+    answers: list[httpx.Response] = []
+
+    def pinned(i: int) -> None:
+        answers.append(
+            httpx.post(f"{server.url}/predict/m/versions/v2", json={"features": [i, 0, 0, 0]}, timeout=30)
+        )
+
+    clients = [threading.Thread(target=pinned, args=(i,)) for i in range(4)]
+    for client in clients:
+        client.start()
+    # A fifth, routed to v2 before the unload, whose body is still arriving when it starts.
+    body = b'{"features": [9, 0, 0, 0]}'
+    late = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    late.sendall(
+        b"POST /predict/m/versions/v2 HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body[:5])
+    )
+    time.sleep(0.3)  # all four are queued or predicting: 2 s of work
+    assert deploy(server, "m", action="unload", version="v2").status_code == 200
+    wait_until(lambda: (version_status(server, "m", "v2") or {}).get("state") == "unloading", "the unload")
+    late.sendall(body[5:])
+    reply = late.recv(65536).decode()
+    late.close()
+    # Not queued where nobody would answer it: a clear 404 at once.
+    assert reply.startswith("HTTP/1.1 404") and '"unknown_version"' in reply, reply
+    described = version_status(server, "m", "v2")
+    assert described is not None and described["state"] == "unloading", described
+    assert {w["state"] for w in described["workers"].values()} == {"unloading"}
+    for client in clients:
+        client.join(timeout=30)
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert sorted(r.json()["predictions"][0] for r in answers) == [0, 1, 2, 3]  # each answered
+    wait_until(lambda: version_status(server, "m", "v2") is None, "v2 to be dropped")
+    assert_error(
+        httpx.post(f"{server.url}/predict/m/versions/v2", json={"features": [1, 0, 0, 0]}),
+        404,
+        "unknown_version",
+    )

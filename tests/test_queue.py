@@ -337,6 +337,31 @@ def test_a_batch_of_only_expired_requests_has_no_rows(make_queue: MakeQueue) -> 
     assert q.reserve(1) != FULL
 
 
+def test_expire_cuts_only_the_expired_prefix_while_a_batch_is_in_predict(make_queue: MakeQueue) -> None:
+    q = make_queue(1, max_batch_rows=1, timeout_ns=100)
+    put(q, 1, "in predict", now_ns=0)
+    put(q, 1, "a", now_ns=10)
+    put(q, 2, "b", now_ns=20)
+    put(q, 1, "fresh", now_ns=200, first=9)
+    in_predict = q.drain(5)
+    assert in_predict is not None and in_predict.waiters == ["in predict"]
+    assert q.expire(50) is None  # nobody past the deadline yet
+    held = q.expire(150)
+    assert held is not None
+    assert (held.expired, held.waiters, held.sizes, held.n_rows, held.rows) == (["a", "b"], [], [], 0, None)
+    assert (held.first_slot, held.n_slots) == (1, 2)
+    assert q.queued_rows == 1  # only the fresh request waits
+    with pytest.raises(ValueError, match="in the order they were drained"):
+        q.release(held)  # the batch in predict goes first
+    q.release(in_predict)
+    q.release(held)
+    batch = q.drain(210)
+    assert batch is not None and (batch.expired, batch.waiters) == ([], ["fresh"])
+    assert batch.rows.ravel().tolist() == [9.5]
+    q.release(batch)
+    assert q.queued_rows == 0 and q.expire(10_000) is None
+
+
 def test_expiry_stops_at_the_first_fresh_request(make_queue: MakeQueue) -> None:
     q = make_queue(1, max_batch_rows=8, timeout_ns=100)
     put(q, 1, "fresh", now_ns=90)

@@ -4,6 +4,7 @@
 --   WRK_BODY_FILE=rows.jsonl ...     (several lines: one body per line, taken in turn)
 --   wrk ... -s bench/wrk/post.lua URL -- body.json        (or the path as a script argument)
 --   WRK_BODY='{"features": [...]}' wrk ...                 (or the body itself)
+--   WRK_WHOLE_BODY=1 WRK_HEADERS='Inference-Header-Content-Length: 120' ...  (one binary body)
 --
 -- The last line of output is `WRK_JSON {...}`: status counts (429 apart from 200),
 -- wrk's socket errors, requests, duration and latency percentiles in microseconds.
@@ -27,10 +28,18 @@ function init(args)
    assert(body, "set WRK_BODY_FILE or WRK_BODY, or pass the body file after --")
    wrk.method = "POST"
    wrk.headers["Content-Type"] = "application/json"
+   -- WRK_HEADERS: more headers, one "name: value" a line (a V2 binary body's header length).
+   for line in (os.getenv("WRK_HEADERS") or ""):gmatch("[^\n]+") do
+      local name, value = line:match("^([^:]+):%s*(.*)$")
+      wrk.headers[name] = value
+   end
    statuses = {}
    local requests = {}
-   for line in body:gmatch("[^\n]+") do
-      table.insert(requests, wrk.format(nil, nil, nil, line))
+   -- WRK_WHOLE_BODY=1: the file is one body, newlines and all (binary bytes).
+   if not os.getenv("WRK_WHOLE_BODY") then
+      for line in body:gmatch("[^\n]+") do
+         table.insert(requests, wrk.format(nil, nil, nil, line))
+      end
    end
    if #requests > 1 then
       -- Defined only here: with one body wrk sends it without calling into Lua at all.

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from fastserve.errors import ConfigError, FastServeError
-
-__version__ = "0.1.0"
+from fastserve.version import __version__
 
 __all__ = ["ConfigError", "FastServeError", "__version__", "create_app"]
 

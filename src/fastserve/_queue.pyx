@@ -384,6 +384,32 @@ cdef class RingQueue:
         cdef Py_ssize_t slot = _index(self._drained, self.capacity_rows)
         return self._enqueued_ns[slot] if self._committed[slot] else -1
 
+    def expire(self, int64_t now_ns):
+        """Only the expired requests cut from the head, as a batch with no rows; or ``None``."""
+        cdef Py_ssize_t capacity = self.capacity_rows
+        cdef int64_t first_slot = self._drained
+        cdef Py_ssize_t slot
+        cdef list expired = []
+        while self._drained < self._tail:
+            slot = _index(self._drained, capacity)
+            if not self._committed[slot] or now_ns - self._enqueued_ns[slot] < self.timeout_ns:
+                break
+            expired.append(self._waiter[slot])
+            self._drained += 1
+            self.queued_rows -= self._rows[slot]
+        if not expired:
+            return None
+        cdef Batch batch = Batch.__new__(Batch)
+        batch.start = 0
+        batch.n_rows = 0
+        batch.rows = None
+        batch.waiters = []
+        batch.sizes = []
+        batch.expired = expired
+        batch.first_slot = first_slot
+        batch.n_slots = len(expired)
+        return batch
+
     def drain(self, int64_t now_ns):
         """The next batch: expired requests cut from the head, then the longest committed run.
 

@@ -217,6 +217,25 @@ class RingQueue:
         slot = self._drained % self.capacity_rows
         return self._enqueued_ns[slot] if self._committed[slot] else -1
 
+    def expire(self, now_ns: int) -> Batch | None:
+        """Only the expired requests cut from the head, as a batch with no rows; or ``None``.
+
+        For a batcher whose model is busy: its queued requests must still meet their
+        deadlines. The batch is released like any other, in the order it was drained.
+        """
+        first_slot = self._drained
+        expired: list[object] = []
+        while self._drained < self._tail:
+            slot = self._drained % self.capacity_rows
+            if not self._committed[slot] or now_ns - self._enqueued_ns[slot] < self.timeout_ns:
+                break
+            expired.append(self._waiter[slot])
+            self._drained += 1
+            self.queued_rows -= self._rows[slot]
+        if not expired:
+            return None
+        return Batch(0, 0, None, [], [], expired, first_slot, len(expired))
+
     def drain(self, now_ns: int) -> Batch | None:
         """The next batch: expired requests cut from the head, then the longest committed run.
 

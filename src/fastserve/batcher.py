@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
+from fastserve.body import ClientGone, DisconnectWatch
 from fastserve.codec import PredictRequest, TabularRequest
 from fastserve.config import BatchSettings
 from fastserve.errors import (
@@ -46,6 +47,7 @@ from fastserve.errors import (
     QueueFull,
     QueueTimeout,
     UnknownOutput,
+    UnknownVersion,
 )
 from fastserve.inputs import Inputs, Side
 from fastserve.outputs import PREDICT_ONLY, Outputs
@@ -64,6 +66,10 @@ _RATE_SMOOTHING = 0.1
 # A predict that spends at least this share of its time on the CPU computes (see Turns);
 # below it, it mostly waits, and other versions need not give way to it.
 _COMPUTING = 0.5
+# A request is watched for its client's disconnect once it has waited this long (see waiting).
+_WATCH_AFTER_S = 0.05
+# A predict running this many times its usual time (and past the queue deadline) is overdue.
+_OVERDUE = 10
 # The model's message, as a 422 carries it: cut to this length, with no paths.
 _MESSAGE_CHARS = 300
 _PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/][^\s'\",;)\]]+")
@@ -85,6 +91,18 @@ class _Pending:
         self.side = side
 
 
+class Waiting:
+    """An admitted request, for the disconnect watch it gets if it waits long (Batcher.waiting)."""
+
+    __slots__ = ("receive", "future", "since", "watch")
+
+    def __init__(self, receive: Any, future: asyncio.Future[Answer], since: float) -> None:
+        self.receive = receive
+        self.future = future
+        self.since = since
+        self.watch: DisconnectWatch | None = None
+
+
 @dataclass
 class BatchStats:
     """Running totals for /status; updated once per batch on the event loop."""
@@ -93,6 +111,7 @@ class BatchStats:
     rows: int = 0
     requests: int = 0
     expired: int = 0
+    gone: int = 0  # cut out before predict: the client disconnected while it waited
     shed: int = 0
     errors: int = 0
     predict_seconds: float = 0.0
@@ -175,7 +194,20 @@ class Batcher:
         self._max_delay_s = max(settings.max_batch_delay_ms / 1000, self._window_s)
         self._window_ends = 0.0
         self._last_commit_s = 0.0
+        self._timeout_s = settings.queue_timeout_ms / 1000
         self._busy = False  # a batch is in predict
+        # Set once the version is being unloaded: it left the routes, and a request that was
+        # routed to it before (its body still arriving) must not join a queue nobody drains.
+        self.stopping = False
+        self._predict_started = 0.0  # perf_counter when the batch in predict went
+        self._left = 0  # requests whose client left, not yet found in a batch or answered
+        # While a predict runs, the queue's deadlines are kept by a timer (see _on_deadline);
+        # the requests it expires are drained and held until the batch in predict is released.
+        self._deadline: asyncio.TimerHandle | None = None
+        self._held: list[Batch] = []
+        # Admitted requests not yet watched for their client's disconnect, oldest first.
+        self._unwatched: deque[Waiting] = deque()
+        self._watch_timer: asyncio.TimerHandle | None = None
         self._turns = turns
         # Smoothed CPU time over wall time of this version's predicts (1: pure compute);
         # assumed to compute until its first predict says otherwise.
@@ -200,6 +232,8 @@ class Batcher:
         wrong and ``UnknownOutput`` for an output the version lacks; such a request never
         reaches a batch.
         """
+        if self.stopping:
+            raise UnknownVersion(f"model {self.model!r} version {self.version!r} was unloaded")
         future = self._enqueue(request)
         if future is None:
             raise self.shed()
@@ -209,7 +243,7 @@ class Batcher:
         """Queue a shadow copy if there is room, else ``None``: a copy is the first thing dropped,
         and dropping it is not a refusal anybody sees. Copies take at most half the queue, so
         they never crowd out the candidate's own (canary) requests."""
-        if self.queue.queued_rows + request.n_rows > self.queue.max_queue_depth // 2:
+        if self.stopping or self.queue.queued_rows + request.n_rows > self.queue.max_queue_depth // 2:
             return None
         try:
             return self._enqueue(request)
@@ -238,7 +272,49 @@ class Batcher:
         self._last_commit_s = now_ns / 1e9
         if not self._busy:
             self._schedule()
+        elif self._deadline is None:
+            self._deadline = self._loop.call_later(self._timeout_s, self._on_deadline)
         return future
+
+    def waiting(self, receive: Any, future: asyncio.Future[Answer]) -> Waiting:
+        """Watch an admitted request's client (``receive`` is its ASGI receive) once the request
+        has waited ``_WATCH_AFTER_S``: if the client disconnects, ``client_left``.
+
+        A watch costs a worker about 25 us of CPU a request (Granian's receive future, and the
+        GIL taken back from its thread when it ends: +10% for a trivial model), so a request
+        answered within ``_WATCH_AFTER_S`` is never watched; one that waits longer (a deep
+        queue, a slow or hung predict) is. The caller stops the watch once it has its answer.
+        """
+        entry = Waiting(receive, future, self._loop.time())
+        self._unwatched.append(entry)
+        if self._watch_timer is None:
+            self._watch_timer = self._loop.call_at(entry.since + _WATCH_AFTER_S, self._watch_long_waits)
+        return entry
+
+    def _watch_long_waits(self) -> None:
+        self._watch_timer = None
+        unwatched = self._unwatched
+        started_before = self._loop.time() - _WATCH_AFTER_S
+        while unwatched:
+            entry = unwatched[0]
+            if entry.future.done():  # answered already: never watched
+                unwatched.popleft()
+                continue
+            if entry.since > started_before:
+                break
+            unwatched.popleft()
+            entry.watch = DisconnectWatch(entry.receive, self.client_left, entry.future)
+        if unwatched:
+            self._watch_timer = self._loop.call_at(
+                unwatched[0].since + _WATCH_AFTER_S, self._watch_long_waits
+            )
+
+    def client_left(self, future: asyncio.Future[Answer]) -> None:
+        """The client of a queued request disconnected: it is cut out before predict (its
+        batch goes without it), or, if it is in predict already, its answer is dropped."""
+        if not future.done():
+            future.set_exception(ClientGone())
+            self._left += 1
 
     @property
     def full(self) -> bool:
@@ -338,8 +414,11 @@ class Batcher:
                 self.meter.drained(len(batch.expired), len(batch.waiters), now_ns)
             if batch.expired:
                 self._expire(batch.expired)
+            if self._left and batch.n_rows:
+                batch = self._without_gone(batch)
             if batch.n_rows:
                 self._busy = True
+                self._predict_started = time.perf_counter()
                 if self._turns is not None:
                     self._turns.busy.add(self)
                 self._jobs.put(batch)
@@ -353,6 +432,74 @@ class Batcher:
             future = waiter.future if type(waiter) is _Pending else waiter
             if not future.done():
                 future.set_exception(QueueTimeout(f"waited in the queue past {timeout_ms:g} ms"))
+            else:  # its client left first
+                self._left -= 1
+
+    def _without_gone(self, batch: Batch) -> Batch:
+        """The batch without the requests whose client left: their rows are never predicted.
+
+        The live requests' rows move down over the gone ones', in the buffer (every row of the
+        run belongs to this batch), so the batch stays a view; its slots are released as drained.
+        """
+        waiters, sizes = batch.waiters, batch.sizes
+        keep = [k for k, waiter in enumerate(waiters) if not _future(waiter).done()]
+        n_gone = len(waiters) - len(keep)
+        if not n_gone:
+            return batch
+        self._left -= n_gone
+        self.stats.gone += n_gone
+        if self.meter is not None:
+            self.meter.gone += n_gone
+        rows = batch.rows
+        assert rows is not None
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        n_rows = 0
+        for k in keep:
+            start, size = starts[k], sizes[k]
+            if start != n_rows:
+                rows[n_rows : n_rows + size] = rows[start : start + size]
+            n_rows += size
+        return Batch(
+            batch.start,
+            n_rows,
+            rows[:n_rows] if n_rows else None,
+            [waiters[k] for k in keep],
+            [sizes[k] for k in keep],
+            batch.expired,
+            batch.first_slot,
+            batch.n_slots,
+        )
+
+    def _on_deadline(self) -> None:
+        """While a predict runs, the requests queued behind it that pass their deadline get
+        their 504 now, not when the predict returns: a predict that hangs holds no one past
+        ``queue_timeout_ms``. (With the model free, each drain cuts them out.)"""
+        self._deadline = None
+        if not self._busy:
+            return
+        now_ns = time.monotonic_ns()
+        expired = self.queue.expire(now_ns)
+        if expired is not None:
+            if self.meter is not None:
+                self.meter.drained(len(expired.expired), 0, now_ns)
+            self._expire(expired.expired)
+            self._held.append(expired)  # released after the batch in predict (drain order)
+        oldest = self.queue.oldest_enqueued_ns()
+        if oldest >= 0:
+            delay = max(0.0, (oldest + self.queue.timeout_ns - now_ns) / 1e9)
+            self._deadline = self._loop.call_later(delay, self._on_deadline)
+
+    def predict_running_s(self) -> float | None:
+        """How long the batch in predict has run, or None when the model is free."""
+        return time.perf_counter() - self._predict_started if self._busy else None
+
+    def predict_overdue(self) -> bool:
+        """Whether the batch in predict has run past what is expected of it: longer than the
+        queue deadline (the requests behind it are failing) and than ``_OVERDUE`` usual predicts."""
+        running = self.predict_running_s()
+        return running is not None and running > max(self._timeout_s, _OVERDUE * self._predict_s)
 
     # -- predict (worker thread) -----------------------------------------------------------
 
@@ -464,11 +611,12 @@ class Batcher:
         if isinstance(outcome, list):  # the model raised: each request has its own answer
             for waiter, answer in zip(waiters, outcome, strict=True):
                 future = waiter.future if type(waiter) is _Pending else waiter
-                if isinstance(answer, Exception):
+                if future.done():  # its client left during the predict
+                    self._left -= 1
+                elif isinstance(answer, Exception):
                     stats.errors += 1
-                    if not future.done():
-                        future.set_exception(answer)
-                elif not future.done():
+                    future.set_exception(answer)
+                else:
                     future.set_result(answer)
         else:
             if elapsed > 0:
@@ -480,9 +628,13 @@ class Batcher:
                 if type(waiter) is _Pending:
                     if not waiter.future.done():
                         waiter.future.set_result(_answer(waiter, outcome, offset, size))
+                    else:  # its client left during the predict
+                        self._left -= 1
                 elif not waiter.done():
                     assert predictions is not None
                     waiter.set_result(predictions[offset : offset + size])
+                else:
+                    self._left -= 1
                 offset += size
         if elapsed > 0:
             share = min(1.0, cpu / elapsed)
@@ -492,6 +644,10 @@ class Batcher:
             else:  # the first predict sets both: a model that waits is known as one at once
                 self.cpu_share, self._predict_s = share, elapsed
         self.queue.release(batch)
+        if self._held:
+            for held in self._held:
+                self.queue.release(held)
+            self._held.clear()
         self._busy = False
         if self._turns is not None:
             # The versions that waited go first, with all they queued; then this one.
@@ -509,14 +665,22 @@ class Batcher:
 
     async def drain_and_stop(self, timeout_s: float) -> None:
         """Let queued and running batches finish (bounded), then stop the predict thread."""
+        self.stopping = True
         if self._busy or self.queue.queued_rows:
             self._idle = self._loop.create_future()
             try:
                 await asyncio.wait_for(self._idle, timeout_s)
             except TimeoutError:
                 logger.warning("%s %s: stopped with requests still queued", self.model, self.version)
+        for timer in (self._deadline, self._watch_timer):  # nothing left for them to keep
+            if timer is not None:
+                timer.cancel()
         self._jobs.put(None)
         self._thread.join(timeout=timeout_s)
+
+
+def _future(waiter: Any) -> asyncio.Future[Answer]:
+    return waiter.future if type(waiter) is _Pending else waiter
 
 
 def _answer(waiter: Any, outcome: dict[str, list[Any]], offset: int, size: int) -> Answer:

@@ -32,7 +32,7 @@ from fastserve.batcher import Batcher, Turns
 from fastserve.codec import PredictionEncoder
 from fastserve.metrics import Metrics
 from fastserve.registry import LoadedVersion, ModelEntry, Registry, resident_bytes
-from fastserve.state import FAILED, LOADING, SERVING, STATE_ERRORS, VersionState
+from fastserve.state import FAILED, LOADING, SERVING, STATE_ERRORS, UNLOADING, VersionState
 from fastserve.store import StateStore
 
 logger = logging.getLogger("fastserve.lifecycle")
@@ -177,9 +177,10 @@ class Lifecycle:
         self._routes_changed()
 
     async def _unload(self, model: str, version: str) -> None:
-        self.states[(model, version)] = "unloading"
+        self.states[(model, version)] = UNLOADING
         batcher, loaded = self.serving.remove(model, version)
         self._routes_changed()
+        await self.record(model, version, VersionState(UNLOADING, None, loaded.rss_bytes))
         await batcher.drain_and_stop(_DRAIN_TIMEOUT_S)
         if self.serving.metrics is not None and batcher.meter is not None:
             self.serving.metrics.retire(batcher.meter)

@@ -13,6 +13,8 @@ What is recorded where:
 - per request (the predict endpoint): ``requests_total`` by status code, ``shed_total`` (a 429
   is ``queue_full``, a 504 ``queue_timeout``), and ``request_duration_seconds`` of the successful
   answers, so that a latency quantile is the latency of predictions, not of fast refusals;
+  the batcher counts ``shed_total{reason="client_gone"}``: requests cut out before predict
+  because their client left, which get no answer and so no ``requests_total``;
 - per batch (the batcher): ``batch_rows``, ``predict_duration_seconds``, and ``queue_wait_seconds``
   of each request in the batch (from its commit to the moment its batch leaves the queue; a
   shadow copy waits in the candidate's queue like any request and is counted there);
@@ -49,6 +51,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Rows in a batch: 1 to 1024, powers of two (max_batch_rows is usually one of them).
 ROW_BUCKETS = tuple(float(2**i) for i in range(11))
 SHED_REASONS = {429: "queue_full", 504: "queue_timeout"}
+CLIENT_GONE = "client_gone"
 ALIASES = ("stable", "candidate")
 
 _Labels = tuple[str, ...]
@@ -128,13 +131,14 @@ class VersionMeter:
     are the first ``len(expired) + len(waiters)`` entries.
     """
 
-    __slots__ = ("labels", "queue", "enqueued", "ok", "duration", "queue_wait", "predict", "rows")
+    __slots__ = ("labels", "queue", "enqueued", "ok", "gone", "duration", "queue_wait", "predict", "rows")
 
     def __init__(self, labels: _Labels, queue: _QueueLike) -> None:
         self.labels = labels
         self.queue = queue
         self.enqueued: deque[int] = deque()
         self.ok = 0
+        self.gone = 0  # requests cut out before predict: their client left
         self.duration = _Buckets(DURATION_BUCKETS)
         self.queue_wait = _Buckets(DURATION_BUCKETS)
         self.predict = _Buckets(DURATION_BUCKETS)
@@ -217,7 +221,7 @@ class Metrics:
         )
         self._shed = Counter(
             "fastserve_shed",
-            "Predict requests refused: queue_full (429), queue_timeout (504)",
+            "Predict requests shed: queue_full (429), queue_timeout (504), client_gone (cut out, no answer)",
             ["model", "reason"],
             registry=reg,
         )
@@ -281,6 +285,9 @@ class Metrics:
             ok, meter.ok = meter.ok, 0
             if ok:
                 self._requests.labels(*labels, "200").inc(ok)
+            gone, meter.gone = meter.gone, 0
+            if gone:
+                self._shed.labels(labels[0], CLIENT_GONE).inc(gone)
             meter.duration.flush_into(self._request_duration.labels(*labels))
             meter.queue_wait.flush_into(self._queue_wait.labels(*labels))
             meter.predict.flush_into(self._predict_duration.labels(*labels))

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,6 +25,7 @@ from fastserve.body import receive_body
 from fastserve.codec import WireFormat
 from fastserve.errors import FastServeError, MethodNotAllowed, UnknownModel, UnknownRoute, UnknownVersion
 from fastserve.metrics import CONTENT_TYPE
+from fastserve.openapi import document
 from fastserve.queue import COMPILED
 from fastserve.worker import Server
 
@@ -34,8 +36,9 @@ _MAX_ACTION_BYTES = 16 * 1024
 
 
 def ops_routes(server: Server) -> list[Route]:
-    """``/deploy/{model}``, ``/healthz``, ``/readyz``, ``/status``, ``/metrics`` and
-    ``/models/{model}[/versions/{version}]`` of ``server``."""
+    """``/deploy/{model}``, ``/healthz``, ``/readyz``, ``/status``, ``/metrics``,
+    ``/models/{model}[/versions/{version}]`` and ``/openapi.json`` of ``server``."""
+    openapi = msgspec.json.encode(document())
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -61,6 +64,9 @@ def ops_routes(server: Server) -> list[Route]:
         params = request.path_params
         return JSONResponse(_version_metadata(server, params["model"], params["version"]))
 
+    async def openapi_json(_request: Request) -> Response:
+        return Response(openapi, media_type=WireFormat.JSON.value)
+
     async def deploy(request: Request) -> Response:
         server.check_admin(request.headers.get("authorization"))
         action = decode_action(await receive_body(request.receive, _MAX_ACTION_BYTES))
@@ -76,6 +82,7 @@ def ops_routes(server: Server) -> list[Route]:
         Route("/metrics", metrics),
         Route("/models/{model}", model),
         Route("/models/{model}/versions/{version}", version),
+        Route("/openapi.json", openapi_json),
     ]
 
 
@@ -92,7 +99,10 @@ def _error_response(error: FastServeError) -> Response:
 async def _on_http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return _error_response(MethodNotAllowed("method not allowed on this route"))
+        # Starlette's exception carries the route's Allow header, which a 405 must have.
+        return _error_response(
+            MethodNotAllowed("method not allowed on this route", headers=dict(exc.headers or {}))
+        )
     return _error_response(UnknownRoute("no such route"))
 
 
@@ -137,8 +147,11 @@ def _status(server: Server) -> dict[str, Any]:
                 "predict_seconds": round(stats.predict_seconds, 6),
                 "shed": stats.shed,
                 "expired": stats.expired,
+                "gone": stats.gone,
                 "errors": stats.errors,
                 "loaded_mb": round((loaded.rss_bytes or 0) / 1e6, 1),
+                "predict_running_seconds": _rounded(batcher.predict_running_s()),
+                "predict_overdue": batcher.predict_overdue(),
             }
         for version, reason in entry.failed.items():
             versions[version] = {"state": "failed", "reason": reason}
@@ -184,6 +197,10 @@ def _status(server: Server) -> dict[str, Any]:
         "models": models,
         "deploy_log": [entry.as_dict() for entry in history],
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _model_metadata(server: Server, name: str) -> dict[str, Any]:

@@ -45,14 +45,14 @@ from fastserve.config import Settings, resolve_repository
 from fastserve.errors import ConfigError, StateUnavailable, without_path
 
 # Version states a worker records (worker_version.state).
-LOADING, SERVING, FAILED = "loading", "serving", "failed"
+LOADING, SERVING, FAILED, UNLOADING = "loading", "serving", "failed", "unloading"
 
 
 @dataclass(frozen=True)
 class VersionState:
     """One worker's record of one version."""
 
-    state: str  # LOADING, SERVING or FAILED
+    state: str  # LOADING, SERVING, FAILED or UNLOADING
     reason: str | None  # why it failed
     rss_bytes: int | None  # what loading it added to the worker's resident memory
 
