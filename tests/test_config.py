@@ -331,6 +331,8 @@ def test_an_invalid_flag_value_is_named_when_settings_are_built(clean_env: pytes
 
 
 SAMPLE_FLAG_VALUES = {"int": ("7", 7), "float": ("2.5", 2.5), "str": ("somewhere", "somewhere")}
+# Fields whose values have a shape of their own.
+SAMPLE_FIELD_VALUES = {"state_url": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0")}
 
 
 @pytest.mark.parametrize(("group", "f"), FLAG_FIELDS, ids=[f.name for _, f in FLAG_FIELDS])
@@ -346,7 +348,7 @@ def test_every_field_has_a_flag_and_an_env_var(
     elif f.type == "tuple[str, ...]":
         argv, expected_env, expected = [flag, "a.B,c.D"], "a.B,c.D", ("a.B", "c.D")
     else:
-        raw, expected = SAMPLE_FLAG_VALUES[str(f.type)]
+        raw, expected = SAMPLE_FIELD_VALUES.get(f.name) or SAMPLE_FLAG_VALUES[str(f.type)]
         argv, expected_env = [flag, raw], raw
     export_arguments(parser().parse_args(argv), *GROUPS)
     assert settings_env() == {env_name(f.name)}
@@ -363,7 +365,7 @@ def test_every_flag_at_once_round_trips(clean_env: pytest.MonkeyPatch) -> None:
         "--max-batch-rows", "8", "--batch-window-ms", "0",
         "--max-queue-depth", "100", "--queue-timeout-ms", "50",
         "--max-body-bytes", "2048", "--max-rows-per-request", "16", "--body-timeout-ms", "500",
-        "--state-path", "/var/lib/fastserve/state.sqlite",
+        "--state-path", "/var/lib/fastserve/state.sqlite", "--state-url", "rediss://redis:6380/1",
     ]  # fmt: skip
     export_arguments(parser().parse_args(argv), *GROUPS)
     assert Settings.from_env() == Settings(
@@ -375,7 +377,9 @@ def test_every_flag_at_once_round_trips(clean_env: pytest.MonkeyPatch) -> None:
             max_batch_rows=8, batch_window_ms=0.0, max_queue_depth=100, queue_timeout_ms=50.0
         ),
         limits=LimitSettings(max_body_bytes=2048, max_rows_per_request=16, body_timeout_ms=500.0),
-        deploy=DeploySettings(state_path="/var/lib/fastserve/state.sqlite"),
+        deploy=DeploySettings(
+            state_path="/var/lib/fastserve/state.sqlite", state_url="rediss://redis:6380/1"
+        ),
     )
 
 

@@ -1,4 +1,8 @@
-"""Deployment state: action decoding, the transition rules, and the SQLite store shared by processes."""
+"""Deployment state: action decoding, the transition rules, and the stores shared by processes.
+
+The store tests run against both backends (ids ``sqlite`` and ``redis``, a real redis-server);
+the ones about a state file (locks, deletion, paths) against SQLite only.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from fastserve.errors import (
     UnknownVersion,
     VersionNotReady,
 )
+from fastserve.redis_state import RedisStore
 from fastserve.state import (
     FAILED,
     LOADING,
@@ -234,33 +239,63 @@ def test_clear_candidate_clears_and_is_idempotent() -> None:
 # -- the store ----------------------------------------------------------------------------------
 
 
+Store = DeploymentStore | RedisStore
+# The tests' workers have no heartbeat: their liveness must outlast the test.
+LONG_TTL_S = 600.0
+
+
 @pytest.fixture
-def stores() -> Iterator[list[DeploymentStore]]:
+def stores() -> Iterator[list[Store]]:
     """The stores a test opens, all closed at teardown."""
-    opened: list[DeploymentStore] = []
+    opened: list[Store] = []
     yield opened
     for store in opened:
         store.close()
 
 
-def open_store(stores: list[DeploymentStore], path: Path) -> DeploymentStore:
+def open_store(stores: list[Store], path: Path) -> DeploymentStore:
     store = DeploymentStore(path)
     stores.append(store)
     return store
 
 
+def another(stores: list[Store], store: Store) -> Store:
+    """A second store on the same state (another process's, in production)."""
+    if isinstance(store, DeploymentStore):
+        return open_store(stores, store.path)
+    other = RedisStore(store.url, ttl_s=LONG_TTL_S)
+    stores.append(other)
+    return other
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def fresh_store(request: pytest.FixtureRequest, stores: list[Store], tmp_path: Path) -> Store:
+    """An empty store of each backend."""
+    if request.param == "sqlite":
+        return open_store(stores, tmp_path / "nested" / "dirs" / "deploy.sqlite")
+    redis_server = request.getfixturevalue("redis_server")
+    store = RedisStore(redis_server.url, ttl_s=LONG_TTL_S)
+    stores.append(store)
+    return store
+
+
 @pytest.fixture
-def store(stores: list[DeploymentStore], tmp_path: Path) -> DeploymentStore:
+def store(fresh_store: Store) -> Store:
+    """A store of each backend, seeded with model m at v1."""
+    fresh_store.seed({"m": "v1"}, "seeder")
+    return fresh_store
+
+
+@pytest.fixture
+def sqlite_store(stores: list[Store], tmp_path: Path) -> DeploymentStore:
     """A store on a fresh file, seeded with model m at v1."""
     seeded = open_store(stores, tmp_path / "state" / "deploy.sqlite")
     seeded.seed({"m": "v1"}, "seeder")
     return seeded
 
 
-def test_seed_inserts_each_model_once_and_audits_it_once(
-    stores: list[DeploymentStore], tmp_path: Path
-) -> None:
-    store = open_store(stores, tmp_path / "nested" / "dirs" / "deploy.sqlite")
+def test_seed_inserts_each_model_once_and_audits_it_once(fresh_store: Store) -> None:
+    store = fresh_store
     store.seed({"a": "v1", "b": "v7"}, "server pid 1")
     store.seed({"a": "v2", "b": "v8", "c": "v3"}, "server pid 2")
     deployments = store.deployments()
@@ -275,18 +310,18 @@ def test_seed_inserts_each_model_once_and_audits_it_once(
 
 
 def test_act_applies_persists_and_returns_the_new_deployment(
-    store: DeploymentStore, stores: list[DeploymentStore], tmp_path: Path
+    store: Store, stores: list[Store], tmp_path: Path
 ) -> None:
     after = store.act("m", Candidate("v2", canary=0.25, shadow=True), SERVABLE, "alice")
     assert (after.stable, after.candidate, after.canary, after.shadow) == ("v1", "v2", 0.25, True)
     assert after.updated_at > 0
     assert store.deployments()["m"] == after
     # Another store object (another process, in production) reads the same truth.
-    other = open_store(stores, store.path)
+    other = another(stores, store)
     assert other.deployments() == {"m": after}
 
 
-def test_every_action_is_audited_newest_first(store: DeploymentStore) -> None:
+def test_every_action_is_audited_newest_first(store: Store) -> None:
     store.act("m", Candidate("v2", canary=0.25, shadow=True), SERVABLE, "alice")
     store.act("m", Promote(), SERVABLE, "bob")
     store.act("m", Rollback(), SERVABLE, "carol")
@@ -309,7 +344,7 @@ def test_every_action_is_audited_newest_first(store: DeploymentStore) -> None:
     assert store.history(limit=1)[0].action == "clear_candidate"
 
 
-def test_act_on_an_unknown_model_is_refused(store: DeploymentStore) -> None:
+def test_act_on_an_unknown_model_is_refused(store: Store) -> None:
     with pytest.raises(UnknownModel, match="no model named 'nope'"):
         store.act("nope", Candidate("v2"), SERVABLE, "alice")
     assert len(store.history()) == 1
@@ -326,7 +361,7 @@ def test_act_on_an_unknown_model_is_refused(store: DeploymentStore) -> None:
     ],
 )
 def test_a_failing_action_changes_nothing_and_is_not_audited(
-    store: DeploymentStore, action: Candidate | Promote | Rollback, error: type[Exception]
+    store: Store, action: Candidate | Promote | Rollback, error: type[Exception]
 ) -> None:
     before, history = store.deployments(), store.history()
     store.changed()
@@ -340,8 +375,9 @@ def test_a_failing_action_changes_nothing_and_is_not_audited(
 
 
 def test_the_row_and_its_audit_entry_are_written_together(
-    store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = sqlite_store
     before, history = store.deployments(), store.history()
 
     def broken_audit(conn: sqlite3.Connection, entry: object) -> None:
@@ -354,12 +390,10 @@ def test_the_row_and_its_audit_entry_are_written_together(
     assert store.history() == history
 
 
-def test_changed_reports_other_connections_commits_once(
-    store: DeploymentStore, stores: list[DeploymentStore]
-) -> None:
+def test_changed_reports_other_connections_commits_once(store: Store, stores: list[Store]) -> None:
     assert store.changed()  # the first call: nothing seen yet
     assert not store.changed()
-    other = open_store(stores, store.path)
+    other = another(stores, store)
     other.act("m", Candidate("v2"), SERVABLE, "alice")
     assert store.changed()
     assert not store.changed()
@@ -372,7 +406,7 @@ def test_changed_reports_other_connections_commits_once(
     assert set(store.deployments()) == {"m", "n"}
 
 
-def race_promotes(store: DeploymentStore, racers: int) -> list[object]:
+def race_promotes(store: Store, racers: int) -> list[object]:
     """``racers`` threads promote at the same moment, each on its own connection; their outcomes."""
     barrier = threading.Barrier(racers)
     outcomes: list[object] = [None] * racers
@@ -392,7 +426,7 @@ def race_promotes(store: DeploymentStore, racers: int) -> list[object]:
     return outcomes
 
 
-def test_racing_promotes_in_threads_take_turns(store: DeploymentStore) -> None:
+def test_racing_promotes_in_threads_take_turns(store: Store) -> None:
     racers = 8
     for round_ in range(5):
         candidate = "v2" if round_ % 2 == 0 else "v1"
@@ -408,9 +442,10 @@ def test_racing_promotes_in_threads_take_turns(store: DeploymentStore) -> None:
     assert len(promotes) == 5
 
 
-def _promote_in_process(path: str, start: Any) -> str:
+def _promote_in_process(where: tuple[str, str], start: Any) -> str:
     start.wait(timeout=30)
-    store = DeploymentStore(Path(path))
+    kind, address = where
+    store: Store = DeploymentStore(Path(address)) if kind == "sqlite" else RedisStore(address)
     try:
         store.act("m", Promote(), SERVABLE, f"pid {os.getpid()}")
     except DeployConflict:
@@ -418,13 +453,16 @@ def _promote_in_process(path: str, start: Any) -> str:
     return "promoted"
 
 
-def test_racing_promotes_in_processes_take_turns(store: DeploymentStore) -> None:
+def test_racing_promotes_in_processes_take_turns(store: Store) -> None:
     store.act("m", Candidate("v2"), SERVABLE, "setup")
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         start = manager.Event()
         with context.Pool(3) as pool:
-            pending = [pool.apply_async(_promote_in_process, (str(store.path), start)) for _ in range(3)]
+            where = (
+                ("sqlite", str(store.path)) if isinstance(store, DeploymentStore) else ("redis", store.url)
+            )
+            pending = [pool.apply_async(_promote_in_process, (where, start)) for _ in range(3)]
             start.set()
             results = sorted(result.get(timeout=60) for result in pending)
     assert results == ["conflict", "conflict", "promoted"]
@@ -433,7 +471,7 @@ def test_racing_promotes_in_processes_take_turns(store: DeploymentStore) -> None
 
 
 def test_a_fresh_state_file_that_another_connection_is_writing_is_waited_for(
-    stores: list[DeploymentStore], tmp_path: Path
+    stores: list[Store], tmp_path: Path
 ) -> None:
     path = tmp_path / "deploy.sqlite"
     # Another worker's first connection, in the middle of its first write to the new file.
@@ -453,7 +491,7 @@ def test_a_fresh_state_file_that_another_connection_is_writing_is_waited_for(
 
 @pytest.mark.parametrize("where", ["under_a_file", "a_directory", "not_a_database"])
 def test_an_unopenable_state_file_is_a_config_error_without_the_path(
-    stores: list[DeploymentStore], tmp_path: Path, where: str
+    stores: list[Store], tmp_path: Path, where: str
 ) -> None:
     secret = tmp_path / "secret-location"
     if where == "under_a_file":
@@ -552,7 +590,7 @@ def test_state_path_defaults_to_the_repositorys_file(
     assert state_path(Settings.from_env({})).parent == state_home / "fastserve"
 
 
-def test_ready_workers_are_the_live_ones_of_this_server(store: DeploymentStore) -> None:
+def test_ready_workers_are_the_live_ones_of_this_server(store: Store) -> None:
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     exited.wait()
     me, server, other_server = os.getpid(), os.getppid(), os.getppid() + 1
@@ -569,7 +607,7 @@ def test_ready_workers_are_the_live_ones_of_this_server(store: DeploymentStore) 
 
 
 @pytest.fixture
-def loaded_store(store: DeploymentStore) -> DeploymentStore:
+def loaded_store(store: Store) -> Store:
     """Model m at stable v1, with v1 and v2 loaded, and this process as its one live worker,
     serving both."""
     store.seed_loaded({"m": ["v1", "v2"]})
@@ -579,14 +617,14 @@ def loaded_store(store: DeploymentStore) -> DeploymentStore:
     return store
 
 
-def test_seed_loaded_counts_only_on_a_models_first_start(store: DeploymentStore) -> None:
+def test_seed_loaded_counts_only_on_a_models_first_start(store: Store) -> None:
     store.seed_loaded({"m": ["v1", "v2"]})
     store.seed_loaded({"m": ["v1", "v2", "v3"], "n": ["v1"]})  # a restart with v3 new on disk
     assert {m: sorted(v) for m, v in store.loaded().items()} == {"m": ["v1", "v2"], "n": ["v1"]}
 
 
 def test_load_adds_the_version_and_an_alias_waits_until_every_worker_serves_it(
-    loaded_store: DeploymentStore,
+    loaded_store: Store,
 ) -> None:
     store = loaded_store
     store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])
@@ -605,7 +643,7 @@ def test_load_adds_the_version_and_an_alias_waits_until_every_worker_serves_it(
 
 
 def test_a_version_that_failed_in_one_worker_is_not_servable_and_may_be_loaded_again(
-    loaded_store: DeploymentStore,
+    loaded_store: Store,
 ) -> None:
     store = loaded_store
     store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])
@@ -618,7 +656,7 @@ def test_a_version_that_failed_in_one_worker_is_not_servable_and_may_be_loaded_a
 
 
 def test_a_load_is_refused_for_a_version_not_on_disk_or_already_warm_everywhere(
-    loaded_store: DeploymentStore,
+    loaded_store: Store,
 ) -> None:
     with pytest.raises(UnknownVersion, match="no version 'v9' in the repository"):
         loaded_store.act("m", Load("v9"), SERVABLE, "alice", on_disk=["v1", "v2"])
@@ -626,7 +664,7 @@ def test_a_load_is_refused_for_a_version_not_on_disk_or_already_warm_everywhere(
         loaded_store.act("m", Load("v2"), SERVABLE, "alice", on_disk=["v1", "v2"])
 
 
-def test_unload_drops_the_version_but_never_stable_or_candidate(loaded_store: DeploymentStore) -> None:
+def test_unload_drops_the_version_but_never_stable_or_candidate(loaded_store: Store) -> None:
     store = loaded_store
     store.act("m", Load("v3"), SERVABLE, "alice", on_disk=["v1", "v2", "v3"])
     store.record_version(os.getpid(), "m", "v3", VersionState(SERVING, None, 2000))
@@ -644,13 +682,13 @@ def test_unload_drops_the_version_but_never_stable_or_candidate(loaded_store: De
     assert (entry.action, entry.from_version, entry.to_version) == ("unload", "v2", None)
 
 
-def test_loading_a_new_model_makes_its_version_stable(loaded_store: DeploymentStore) -> None:
+def test_loading_a_new_model_makes_its_version_stable(loaded_store: Store) -> None:
     after = loaded_store.act("n", Load("v4"), {}, "alice", on_disk=["v4"])
     assert after.stable == "v4" and loaded_store.deployments()["n"].stable == "v4"
     assert loaded_store.loaded()["n"].keys() == {"v4"}
 
 
-def test_readiness_counts_only_live_workers(loaded_store: DeploymentStore) -> None:
+def test_readiness_counts_only_live_workers(loaded_store: Store) -> None:
     store = loaded_store
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     exited.wait()
@@ -660,8 +698,8 @@ def test_readiness_counts_only_live_workers(loaded_store: DeploymentStore) -> No
     store.worker_ready(exited.pid, os.getppid())
     assert ("m", "v3") in store.serving_everywhere()
     states = store.version_states()
-    assert set(states[("m", "v3")]) == {os.getpid()}
-    assert states[("m", "v3")][os.getpid()] == VersionState(SERVING, None, 2000)
+    assert set(states[("m", "v3")]) == {store.worker_name(os.getpid())}
+    assert states[("m", "v3")][store.worker_name(os.getpid())] == VersionState(SERVING, None, 2000)
     store.forget_version(os.getpid(), "m", "v3")
     assert ("m", "v3") not in store.version_states()
 
@@ -670,8 +708,9 @@ def test_readiness_counts_only_live_workers(loaded_store: DeploymentStore) -> No
 
 
 def test_an_action_behind_a_lock_held_too_long_is_state_unavailable_and_changes_nothing(
-    store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: DeploymentStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = sqlite_store
     monkeypatch.setattr(state_module, "_BUSY_TIMEOUT_S", 0.2)
     holder = sqlite3.connect(store.path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process writing, and not letting go
@@ -686,8 +725,9 @@ def test_an_action_behind_a_lock_held_too_long_is_state_unavailable_and_changes_
 
 
 def test_a_deleted_state_file_is_noticed_refused_and_restored_from_what_was_read(
-    store: DeploymentStore, stores: list[DeploymentStore]
+    sqlite_store: DeploymentStore, stores: list[Store]
 ) -> None:
+    store = sqlite_store
     store.seed_loaded({"m": ["v1", "v2"]})
     store.act("m", Candidate("v2", canary=0.5), SERVABLE, "alice")
     assert store.deployments()["m"].candidate == "v2"  # a worker's reader has the file open

@@ -1,7 +1,9 @@
 """Deployment actions and their rules: what each action does to a model's aliases and loaded versions.
 
-The rules are pure functions of the current state; ``state.DeploymentStore`` applies them in
-one transaction per action, so every worker, the CLI and a restart see the same outcome.
+The rules are pure functions of the current state; each store (``state.DeploymentStore`` on
+SQLite, ``redis_state.RedisStore`` on Redis) reads that state, applies ``decide`` and writes
+the outcome in one transaction per action, so every worker, every replica, the CLI and a
+restart see the same outcome whatever holds the state.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from typing import Annotated, Any
 
 import msgspec
 
-from fastserve.errors import DeployConflict, MalformedBody, UnknownVersion, VersionNotReady
+from fastserve.errors import (
+    DeployConflict,
+    MalformedBody,
+    UnknownModel,
+    UnknownVersion,
+    VersionNotReady,
+)
 
 # A version name as the repository allows it: an empty one would read as "none" below.
 _Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -204,6 +212,39 @@ def _check_servable(
         raise VersionNotReady(f"{model} {version} is not warm in every worker yet")
     if version not in servable:
         raise UnknownVersion(f"model {model!r} serves no version {version!r}")
+
+
+def decide(
+    model: str,
+    before: Deployment | None,
+    loaded: frozenset[str],
+    serving: frozenset[str],
+    failed: frozenset[str],
+    action: Action,
+    servable: Mapping[str, int | None],
+    actor: str,
+    on_disk: Collection[str] | None,
+    now: float,
+) -> tuple[Deployment, AuditEntry]:
+    """The deployment after ``action`` and its audit entry, from what a store read in its
+    transaction: ``loaded`` versions of ``model``, those of them warm in every live worker
+    (``serving``) and those some live worker failed to load. The caller writes both, and for
+    ``load`` / ``unload`` adds or drops the version from the loaded ones."""
+    if isinstance(action, ALIAS_ACTIONS):
+        if before is None:
+            raise UnknownModel(f"no model named {model!r}")
+        if loaded:  # only what is loaded, and warm everywhere, may take an alias
+            servable = {v: n for v, n in servable.items() if v in serving}
+        pending = loaded - serving - failed  # failed somewhere: not servable, not pending
+        after = replace(transition(before, action, servable, pending), updated_at=now)
+    else:
+        assert isinstance(action, Load | Unload)
+        loaded_after(model, before, loaded, action, on_disk, serving)
+        # A whole new model starts on the version it was loaded with.
+        after = replace(before or Deployment(model, action.version), updated_at=now)
+    source, target = moved(before, after, action)
+    detail = {"canary": after.canary, "shadow": after.shadow} if isinstance(action, Candidate) else {}
+    return after, AuditEntry(now, model, action_name(action), source, target, actor, detail)
 
 
 def moved(before: Deployment | None, after: Deployment, action: Action) -> tuple[str | None, str | None]:

@@ -3,8 +3,8 @@
 Every settings field is a flag; ``serve`` exports the flags it was given as
 ``FASTSERVE_*`` variables, so the Granian worker processes it starts (which import
 ``fastserve.app:app`` afresh) see exactly the same settings. ``deploy`` and ``status`` act
-on the same deployment state file as the running server, without HTTP: every worker
-follows an action within about 50 ms.
+on the same deployment state as the running server (its file, or Redis with ``--state-url``),
+without HTTP: every worker follows an action within about 50 ms.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fastserve.config import (
 )
 from fastserve.errors import ConfigError, FastServeError, UnknownModel
 from fastserve.repository import Repository
-from fastserve.state import DeploymentStore, state_path
+from fastserve.store import StateStore, open_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser(
         "deploy",
         help="move a model's aliases (candidate, promote, rollback, clear_candidate), load and unload",
-        description="Acts on the deployment state file directly. It checks that the version is in "
+        description="Acts on the deployment state (file or Redis) directly. It checks that the version is in "
         "the repository, not that it loads: a version the server cannot load gets no traffic, and "
         "/status says why.",
     )
@@ -88,14 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _offline_store(args: argparse.Namespace) -> tuple[DeploymentStore, dict[str, list[str]]]:
-    """The state file the server uses, seeded like the server would, and the versions on disk."""
+def _offline_store(args: argparse.Namespace) -> tuple[StateStore, dict[str, list[str]]]:
+    """The state the server uses, seeded like the server would, and the versions on disk."""
     export_arguments(args, RepositorySettings, DeploySettings)
     settings = Settings.from_env()
     repository = resolve_repository(settings.repository)
     on_disk = Repository(repository, settings.repository)
     discovered = on_disk.discover()
-    store = DeploymentStore(state_path(settings))
+    store = open_store(settings)
     store.seed_loaded(on_disk.first_loads())
     store.seed({model: stable for model, (_, stable) in discovered.items() if stable}, _actor())
     return store, {model: versions for model, (versions, _) in discovered.items()}

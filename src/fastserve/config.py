@@ -79,6 +79,9 @@ class DeploySettings:
 
     # Empty: a file per repository under $XDG_STATE_HOME/fastserve (see state.default_state_path).
     state_path: str = ""
+    # redis://[:password@]host:port/db (rediss:// for TLS): the state in Redis instead, shared by
+    # replicas on many hosts; state_path is then unused. Empty: SQLite.
+    state_url: str = ""
     # Bearer token for POST /deploy; empty leaves the route off (403). Environment only: a
     # flag would show the token to every user of `ps`.
     admin_token: str = field(default="", metadata={"env_only": True})
@@ -167,6 +170,9 @@ def validate(group: _T, where: str = "") -> _T:
         value = getattr(group, f.name)
         if f.name == "admin_token" and 0 < len(value) < MIN_TOKEN_LENGTH:
             raise ConfigError(f"{env_name(f.name)} must be at least {MIN_TOKEN_LENGTH} characters")
+        if f.name == "state_url" and value and not value.startswith(("redis://", "rediss://")):
+            # The value is not repeated: it may hold a password.
+            raise ConfigError(f"{env_name(f.name)} must be a redis:// or rediss:// URL")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{env_name(f.name)}={value!r} must be one of {', '.join(choices)}")

@@ -32,7 +32,8 @@ from fastserve.batcher import Batcher, Turns
 from fastserve.codec import PredictionEncoder
 from fastserve.metrics import Metrics
 from fastserve.registry import LoadedVersion, ModelEntry, Registry, resident_bytes
-from fastserve.state import FAILED, LOADING, SERVING, STATE_ERRORS, UNLOADING, DeploymentStore, VersionState
+from fastserve.state import FAILED, LOADING, SERVING, STATE_ERRORS, UNLOADING, VersionState
+from fastserve.store import StateStore
 
 logger = logging.getLogger("fastserve.lifecycle")
 
@@ -85,7 +86,7 @@ class Lifecycle:
         self,
         serving: Serving,
         registry: Registry,
-        store: DeploymentStore,
+        store: StateStore,
         routes_changed: Callable[[], None],
     ) -> None:
         self.serving = serving

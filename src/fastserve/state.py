@@ -20,6 +20,10 @@ when every live ready worker serves it, and only then may an alias point at it.
 
 Workers see other processes' actions by polling ``PRAGMA data_version``, which SQLite
 keeps in shared memory: a poll reads no table and takes microseconds.
+
+This is the default store, for one host; ``redis_state.RedisStore`` holds the same state in
+Redis for replicas on many hosts (``store.open_store`` picks). Both apply the rules of
+``actions.decide`` and ``readiness`` below.
 """
 
 from __future__ import annotations
@@ -30,27 +34,15 @@ import sqlite3
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from fastserve.actions import (
-    ALIAS_ACTIONS,
-    Action,
-    AuditEntry,
-    Candidate,
-    Deployment,
-    Load,
-    Unload,
-    action_name,
-    loaded_after,
-    moved,
-    transition,
-)
+from fastserve.actions import Action, AuditEntry, Deployment, Load, Unload, decide
 from fastserve.config import Settings, resolve_repository
-from fastserve.errors import ConfigError, StateUnavailable, UnknownModel, without_path
+from fastserve.errors import ConfigError, StateUnavailable, without_path
 
 # Version states a worker records (worker_version.state).
 LOADING, SERVING, FAILED, UNLOADING = "loading", "serving", "failed", "unloading"
@@ -278,28 +270,16 @@ class DeploymentStore:
                 v for (v,) in conn.execute("SELECT version FROM loaded WHERE model = ?", (model,))
             )
             serving, failed = _readiness(conn, model, loaded)
-            now = time.time()
-            if isinstance(action, ALIAS_ACTIONS):
-                if before is None:
-                    raise UnknownModel(f"no model named {model!r}")
-                if loaded:  # only what is loaded, and warm everywhere, may take an alias
-                    servable = {v: n for v, n in servable.items() if v in serving}
-                pending = loaded - serving - failed  # failed somewhere: not servable, not pending
-                after = replace(transition(before, action, servable, pending), updated_at=now)
-            else:
-                assert isinstance(action, Load | Unload)
-                loaded_after(model, before, loaded, action, on_disk, serving)
-                if isinstance(action, Load):
-                    conn.execute(
-                        "INSERT OR REPLACE INTO loaded (model, version, requested_at) VALUES (?, ?, ?)",
-                        (model, action.version, now),
-                    )
-                else:
-                    conn.execute(
-                        "DELETE FROM loaded WHERE model = ? AND version = ?", (model, action.version)
-                    )
-                # A whole new model starts on the version it was loaded with.
-                after = replace(before or Deployment(model, action.version), updated_at=now)
+            after, entry = decide(
+                model, before, loaded, serving, failed, action, servable, actor, on_disk, time.time()
+            )
+            if isinstance(action, Load):
+                conn.execute(
+                    "INSERT OR REPLACE INTO loaded (model, version, requested_at) VALUES (?, ?, ?)",
+                    (model, action.version, after.updated_at),
+                )
+            elif isinstance(action, Unload):
+                conn.execute("DELETE FROM loaded WHERE model = ? AND version = ?", (model, action.version))
             conn.execute(
                 "INSERT OR REPLACE INTO deployment"
                 " (model, stable, candidate, canary, shadow, previous_stable, updated_at)"
@@ -314,9 +294,6 @@ class DeploymentStore:
                     after.updated_at,
                 ),
             )
-            source, target = moved(before, after, action)
-            detail = {"canary": after.canary, "shadow": after.shadow} if isinstance(action, Candidate) else {}
-            entry = AuditEntry(after.updated_at, model, action_name(action), source, target, actor, detail)
             _audit(conn, entry)
         return after
 
@@ -376,14 +353,19 @@ class DeploymentStore:
                 (pid, model, version),
             )
 
-    def version_states(self) -> dict[tuple[str, str], dict[int, VersionState]]:
-        """(model, version) -> live worker pid -> its state of that version."""
+    def worker_name(self, pid: int) -> str:
+        """How ``version_states`` names worker ``pid``: its pid (one host shares one file)."""
+        return str(pid)
+
+    def version_states(self) -> dict[tuple[str, str], dict[str, VersionState]]:
+        """(model, version) -> live worker (``worker_name``) -> its state of that version."""
         rows = self._conn.execute("SELECT pid, model, version, state, reason, rss_bytes FROM worker_version")
-        found: dict[tuple[str, str], dict[int, VersionState]] = {}
+        found: dict[tuple[str, str], dict[str, VersionState]] = {}
         alive: dict[int, bool] = {}
         for pid, model, version, state, reason, rss in rows:
             if alive.setdefault(pid, process_alive(pid)):
-                found.setdefault((model, version), {})[pid] = VersionState(state, reason, rss)
+                record = VersionState(state, reason, rss)
+                found.setdefault((model, version), {})[self.worker_name(pid)] = record
         return found
 
     def serving_everywhere(self) -> set[tuple[str, str]]:
@@ -454,16 +436,27 @@ def _serving_everywhere(conn: sqlite3.Connection, model: str, loaded: frozenset[
 def _readiness(
     conn: sqlite3.Connection, model: str, loaded: frozenset[str]
 ) -> tuple[frozenset[str], frozenset[str]]:
-    """Those of ``loaded`` that every live ready worker serves (all of them, with no live worker:
-    the next start loads them), and those that some live worker failed to load."""
     live = [pid for (pid,) in conn.execute("SELECT pid FROM worker") if process_alive(pid)]
+    if not live:
+        return loaded, frozenset()
+    marks = ",".join("?" * len(live))
+    query = f"SELECT pid, version, state FROM worker_version WHERE model = ? AND pid IN ({marks})"
+    return readiness(loaded, live, conn.execute(query, (model, *live)))
+
+
+def readiness(
+    loaded: frozenset[str], live: Collection[object], records: Iterable[tuple[object, str, str]]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """Those of ``loaded`` that every ``live`` ready worker serves (all of them, with no live
+    worker: the next start loads them), and those that some live worker failed to load.
+    ``records``: (worker, version, state) of one model, for any workers (the dead are skipped)."""
     if not live:
         return loaded, frozenset()
     serving: dict[str, int] = {}
     failed = set()
-    marks = ",".join("?" * len(live))
-    query = f"SELECT version, state FROM worker_version WHERE model = ? AND pid IN ({marks})"
-    for version, state in conn.execute(query, (model, *live)):
+    for worker, version, state in records:
+        if worker not in live:
+            continue
         if state == SERVING:
             serving[version] = serving.get(version, 0) + 1
         elif state == FAILED:

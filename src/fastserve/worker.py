@@ -44,7 +44,8 @@ from fastserve.lifecycle import Lifecycle, Serving
 from fastserve.metrics import ALIASES, Metrics
 from fastserve.registry import Registry
 from fastserve.router import Router
-from fastserve.state import STATE_ERRORS, DeploymentStore, VersionState, state_path
+from fastserve.state import STATE_ERRORS, VersionState
+from fastserve.store import StateStore, open_store
 
 logger = logging.getLogger("fastserve")
 
@@ -69,7 +70,7 @@ class Server:
         self.router = Router(self.batchers)
         if self.metrics is not None:
             self.metrics.follow(self.router)
-        self.store: DeploymentStore | None = None
+        self.store: StateStore | None = None
         self.registry: Registry | None = None
         self.lifecycle: Lifecycle | None = None
         self.phase = "loading"  # loading -> serving | failed -> draining
@@ -96,7 +97,7 @@ class Server:
     def _others_serve(self) -> bool:
         """Whether other workers of this server are serving already (the parent is Granian's)."""
         try:
-            store = DeploymentStore(state_path(self.settings))
+            store = open_store(self.settings)
             try:
                 return bool(store.ready_workers(os.getppid()))
             finally:
@@ -108,7 +109,7 @@ class Server:
         repo = resolve_repository(self.settings.repository)
         registry = Registry(repo, self.settings.repository, self.settings.batching, self.settings.limits)
         try:
-            store = DeploymentStore(state_path(self.settings))
+            store = open_store(self.settings, follow=True)
             await asyncio.to_thread(store.seed_loaded, registry.repository.first_loads())
             wanted = {model: list(versions) for model, versions in store.loaded().items()}
             models = await asyncio.to_thread(registry.load, wanted)
@@ -169,8 +170,9 @@ class Server:
         self.state_problem = problem
 
     async def _mend(self) -> None:
-        """After a fault of the state: make the file again if it was deleted, and write what
-        this worker could not (its readiness, its versions' records)."""
+        """After a fault of the state: make it again if it was lost (a deleted file, a Redis
+        restarted empty), and write what this worker could not or what was dropped (its
+        readiness, its versions' records)."""
         assert self.store is not None and self.lifecycle is not None
         try:
             if self.store.replaced():
@@ -181,7 +183,7 @@ class Server:
                     self.store.restore, deployments, loaded, f"server pid {os.getpid()}"
                 )
                 if restored:
-                    logger.warning("deployment state file was gone; restored %s", ", ".join(restored))
+                    logger.warning("deployment state was lost; restored %s", ", ".join(restored))
                 for (model, version), state in self.lifecycle.records().items():
                     self.lifecycle.unrecorded.setdefault((model, version), state)
                 self._ready_recorded = False
@@ -255,7 +257,7 @@ class Server:
             return
         raise (Draining if self.phase == "draining" else NotReady)(self.problem)
 
-    def version_states(self) -> dict[tuple[str, str], dict[int, VersionState]]:
+    def version_states(self) -> dict[tuple[str, str], dict[str, VersionState]]:
         """Each version's state in every live worker, from the shared state (for /status)."""
         return self.store.version_states() if self.store is not None else {}
 
