@@ -13,7 +13,8 @@ FROM python:3.11-slim
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels 'fastserve[pandas]' && rm -rf /wheels \
     && useradd --create-home --uid 10001 fastserve
-USER fastserve
+# Numeric, so that a pod's runAsNonRoot can check it (the kubelet refuses a name).
+USER 10001:10001
 WORKDIR /home/fastserve
 # Inside a container the server must listen beyond loopback to be reachable at all.
 ENV FASTSERVE_HOST=0.0.0.0 FASTSERVE_PORT=8000

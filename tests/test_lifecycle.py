@@ -94,6 +94,7 @@ class Load:
 
     port: int
     path: str = "/predict/digits"
+    body: bytes = ROW
     answers: list[Answer] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -104,7 +105,8 @@ class Load:
             try:
                 writer.write(
                     b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (self.path.encode(), len(ROW), ROW)
+                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+                    % (self.path.encode(), len(self.body), self.body)
                 )
                 reply = await asyncio.wait_for(reader.read(), 30)
             finally:
