@@ -12,7 +12,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[pandas]'
 FROM python:3.11-slim
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels 'fastserve[pandas]' && rm -rf /wheels \
-    && useradd --create-home --uid 10001 fastserve
+    && groupadd --gid 10001 fastserve && useradd --create-home --uid 10001 --gid 10001 fastserve
 # Numeric, so that a pod's runAsNonRoot can check it (the kubelet refuses a name).
 USER 10001:10001
 WORKDIR /home/fastserve
